@@ -1,0 +1,226 @@
+"""The MaxUp loss: train on the worst of `num_copies` random copies of each example.
+
+MaxUp (Gong, Ren, Ye & Liu, 2020) replaces the usual augmented risk
+
+    E_x [ E_{x'~P(.|x)} L(x', theta) ]
+
+by the expected worst case over m i.i.d. augmented copies
+
+    E_x [ max_{i<m} L(x'_i, theta) ],     x'_1..x'_m ~ P(.|x).
+
+The gradient of the max is the gradient of the arg-max copy (eq. 3 of the
+paper), so the copies only have to be *compared*, never differentiated:
+`maxup_loss` spends m forward passes without gradient to find the worst copy
+of every example and one forward+backward pass on the winners.
+
+Randomness is routed through per-example PRNG keys: `loss_fn` draws everything
+random about example i (augmentation, dropout masks, noise) from `keys[i]`, so
+re-evaluating the winning key reproduces the winning copy exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+# loss_fn(params, batch, keys) -> losses [B]  or  (losses [B], aux)
+LossFn = Callable[[PyTree, PyTree, Array], Any]
+
+MODES = ("two_pass", "single_pass")
+
+
+class MaxUpAux(NamedTuple):
+  """What `maxup_loss` returns beside the scalar loss.
+
+  Attributes:
+    copy_losses: `[num_copies, B]` loss of every copy of every example, without
+      gradient. In `two_pass` mode these are the selection-pass values.
+    selected_copy: `[B]` int32 index of the worst copy of each example.
+    loss_aux: the auxiliary output of `loss_fn` (when `has_aux=True`, else
+      `None`) from the pass that carries the gradient. In `two_pass` mode that
+      is the single pass over the winning copies, so its values (new BatchNorm
+      statistics, carried RNN state, ...) are those of the winners; the
+      selection passes' aux is discarded. In `single_pass` mode every copy
+      carries gradient and each leaf has a leading `num_copies` axis.
+  """
+
+  copy_losses: Array
+  selected_copy: Array
+  loss_aux: Any
+
+
+def maxup_loss(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: Array,
+    num_copies: int,
+    *,
+    has_aux: bool = False,
+    mode: Literal["two_pass", "single_pass"] = "two_pass",
+) -> tuple[Array, MaxUpAux]:
+  r"""Mean over the batch of the worst-copy loss of each example.
+
+  .. math::
+    \ell(\theta) = \frac{1}{B} \sum_{b<B} \max_{i<m} L(x'_{i,b}, \theta),
+    \qquad x'_{i,b} \sim P(\cdot \mid x_b)
+
+  The key is split into `num_copies * B` per-example keys laid out
+  `[num_copies, B]`; copy i of example b is the one `loss_fn` produces from
+  `keys[i, b]`. With `num_copies=1` this is exactly standard augmentation:
+  `loss_fn(params, batch, jax.random.split(key, B)).mean()`, same value, same
+  gradient, same keys.
+
+  Modes:
+    `"two_pass"` (default): the model is vmapped over the copies with
+      `stop_gradient` parameters to compute `[num_copies, B]` losses, the
+      per-example argmax picks each example's worst key, and `loss_fn` runs
+      once more, with gradient, on the winning keys. A gradient costs m
+      forward passes plus one forward+backward, as in the paper. If the loss
+      of one example depends on the others (BatchNorm in training mode), the
+      gradient pass sees the winners' batch statistics rather than each
+      copy's, so its values can differ slightly from the selection's.
+    `"single_pass"`: one vmapped forward over all copies with gradient; the
+      max is a gather at `stop_gradient(argmax)`. A gradient costs m
+      forward+backward passes, and the loss differentiated is exactly the one
+      maximised, also with batch-dependent layers.
+
+  Args:
+    loss_fn: `loss_fn(params, batch, keys)` with `keys` of shape `[B]` (one
+      key per example) returning per-example losses `[B]`, or
+      `(losses [B], aux)` if `has_aux`. It must be a pure function of its
+      arguments; it is traced several times.
+    params: the pytree that is differentiated (anything `jax.grad` accepts).
+    batch: a pytree of arrays sharing the leading batch dimension `B`.
+    key: a single PRNG key: a typed key (`jax.random.key`, shape `()`) or a
+      raw `uint32` key (`jax.random.PRNGKey`); per-example keys are of the
+      same kind.
+    num_copies: m >= 1, the number of augmented copies per example.
+    has_aux: whether `loss_fn` returns `(losses, aux)`.
+    mode: `"two_pass"` or `"single_pass"`, see above.
+
+  Returns:
+    `(loss, aux)`: the scalar mean worst-copy loss, differentiable in
+    `params`, and a `MaxUpAux`.
+
+  Raises:
+    TypeError / ValueError at trace time for a bad `num_copies`, `mode`, key,
+    batch or a loss of the wrong shape.
+  """
+  _check_num_copies(num_copies)
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  _check_key(key)
+  batch_size = _batch_size(batch)
+
+  keys = jax.random.split(key, num_copies * batch_size)
+  keys = keys.reshape((num_copies, batch_size) + keys.shape[1:])
+  call = _checked_loss_fn(loss_fn, has_aux, batch_size)
+
+  if mode == "single_pass":
+    losses, loss_aux = jax.vmap(call, in_axes=(None, None, 0))(params, batch, keys)
+    selected = jnp.argmax(jax.lax.stop_gradient(losses), axis=0)
+    worst = jnp.take_along_axis(losses, selected[None], axis=0)[0]
+    copy_losses = jax.lax.stop_gradient(losses)
+  elif num_copies == 1:
+    # Plain augmentation: nothing to select, so no selection pass is spent.
+    worst, loss_aux = call(params, batch, keys[0])
+    selected = jnp.zeros((batch_size,), jnp.int32)
+    copy_losses = jax.lax.stop_gradient(worst)[None]
+  else:
+    frozen = jax.lax.stop_gradient(params)
+    copy_losses, _ = jax.vmap(call, in_axes=(None, None, 0))(frozen, batch, keys)
+    copy_losses = jax.lax.stop_gradient(copy_losses)
+    selected = jnp.argmax(copy_losses, axis=0)
+    winning_keys = keys[selected, jnp.arange(batch_size)]
+    worst, loss_aux = call(params, batch, winning_keys)
+
+  aux = MaxUpAux(
+      copy_losses=copy_losses,
+      selected_copy=selected.astype(jnp.int32),
+      loss_aux=loss_aux if has_aux else None,
+  )
+  return jnp.mean(worst), aux
+
+
+def _check_num_copies(num_copies) -> None:
+  # bool is an int subclass; `num_copies=True` is surely a mistake.
+  if isinstance(num_copies, bool) or not isinstance(num_copies, int):
+    raise TypeError(
+        "num_copies must be a Python int >= 1 (it fixes array shapes, so it "
+        f"cannot be traced), got {num_copies!r} of type {type(num_copies).__name__}."
+    )
+  if num_copies < 1:
+    raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
+
+
+def _check_key(key) -> None:
+  if not hasattr(key, "dtype") or not hasattr(key, "shape"):
+    raise TypeError(f"key must be a JAX PRNG key, got {type(key).__name__}.")
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(
+          f"key must be a single PRNG key of shape (), got a key array of shape "
+          f"{key.shape}; maxup_loss splits it into per-example keys itself."
+      )
+  elif key.dtype != jnp.uint32 or key.ndim != 1:
+    raise ValueError(
+        "key must be a single PRNG key: jax.random.key(seed) (shape ()) or "
+        f"jax.random.PRNGKey(seed) (uint32, shape (2,)); got dtype {key.dtype} "
+        f"and shape {key.shape}."
+    )
+
+
+def _batch_size(batch) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("batch must be a pytree holding at least one array.")
+  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+  if None in sizes or len(sizes) != 1:
+    shapes = jax.tree.map(jnp.shape, batch)
+    raise ValueError(
+        "every array in batch must share the leading batch dimension B; got "
+        f"shapes {shapes}."
+    )
+  (batch_size,) = sizes
+  if batch_size == 0:
+    raise ValueError("batch is empty (B = 0).")
+  return batch_size
+
+
+def _checked_loss_fn(loss_fn: LossFn, has_aux: bool, batch_size: int):
+  """Wraps `loss_fn` to always return `(losses, aux)` after checking its shape."""
+
+  def call(params, batch, keys):
+    out = loss_fn(params, batch, keys)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "with has_aux=True, loss_fn must return (per_example_losses, aux); "
+            f"got {type(out).__name__}."
+        )
+      losses, aux = out
+    else:
+      if isinstance(out, tuple):
+        raise TypeError(
+            "loss_fn returned a tuple; pass has_aux=True if it returns "
+            "(per_example_losses, aux)."
+        )
+      losses, aux = out, None
+    if jnp.shape(losses) != (batch_size,):
+      raise ValueError(
+          f"loss_fn must return one loss per example, shape ({batch_size},), "
+          f"got shape {jnp.shape(losses)}. Reduce over everything but the batch "
+          "axis, and do not take the mean over the batch."
+      )
+    if not jnp.issubdtype(jnp.result_type(losses), jnp.floating):
+      raise TypeError(
+          f"loss_fn must return floating-point losses, got {jnp.result_type(losses)}."
+      )
+    return losses, aux
+
+  return call
