@@ -1,0 +1,10 @@
+"""Test-wide setup: four simulated CPU devices, so multi-device code runs on any machine."""
+
+import os
+
+# Must happen before JAX initialises its backends; single-device code keeps
+# using device 0, so this costs the other tests nothing.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  ).strip()
