@@ -89,8 +89,12 @@ def classifier_head(x: Array, num_classes: int, dtype: Dtype) -> Array:
 
 
 def check_num_classes(num_classes: Any) -> None:
+  """Raises ValueError unless `num_classes` is a positive int."""
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+
+
+_EXAMPLE_DEPTHS = {2: (20, 32, 44, 56, 110), 4: (16, 22, 28, 40)}
 
 
 def _check_stage_depth(depth: Any, offset: int, model: str) -> int:
@@ -103,14 +107,18 @@ def _check_stage_depth(depth: Any, offset: int, model: str) -> int:
   ):
     raise ValueError(
         f"{model} depth must be 6n+{offset} with n >= 1 "
-        f"(e.g. {', '.join(str(6 * n + offset) for n in (1, 3, 5, 9, 18))}), "
+        f"(e.g. {', '.join(map(str, _EXAMPLE_DEPTHS[offset]))}), "
         f"got {depth!r}."
     )
   return (depth - offset) // 6
 
 
 def make_conv(dtype: Dtype) -> Callable[..., nn.Conv]:
-  """Bias-free convolution with PyTorch-style explicit padding."""
+  """Bias-free convolution constructor: float32 params, Kaiming fan-out init.
+
+  Callers pass explicit symmetric padding (PyTorch's `padding=k // 2`) rather
+  than 'SAME', which pads stride-2 convolutions of even inputs asymmetrically.
+  """
   return functools.partial(
       nn.Conv,
       use_bias=False,
@@ -120,8 +128,22 @@ def make_conv(dtype: Dtype) -> Callable[..., nn.Conv]:
   )
 
 
-def make_batch_norm(dtype: Dtype, axis_name: str | None, train: bool) -> Callable[..., nn.BatchNorm]:
-  """BatchNorm with PyTorch's constants; statistics and params stay float32."""
+def make_batch_norm(
+    dtype: Dtype, axis_name: str | None, train: bool
+) -> Callable[..., nn.BatchNorm]:
+  """BatchNorm constructor with PyTorch's momentum and epsilon.
+
+  Batch statistics are reduced in float32 and scale, bias and running
+  averages are float32 whatever the computation dtype. Unlike PyTorch, flax
+  tracks the biased batch variance; the difference is a factor
+  `n / (n - 1)` with n the per-channel element count, negligible here.
+
+  Args:
+    dtype: computation (output) dtype.
+    axis_name: mapped axis to average batch statistics over, or None.
+    train: normalise with batch statistics and update the running averages
+      (True) or normalise with the running averages (False).
+  """
   return functools.partial(
       nn.BatchNorm,
       use_running_average=not train,
@@ -134,6 +156,7 @@ def make_batch_norm(dtype: Dtype, axis_name: str | None, train: bool) -> Callabl
 
 
 def maybe_remat(block_cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """`nn.remat(block_cls)` if `remat` else `block_cls`, for `block(x, train)`."""
   # `train` (argument 2 counting `self`) selects Python control flow, so it
   # must stay static under rematerialisation.
   return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls

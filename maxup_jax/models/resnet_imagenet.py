@@ -23,10 +23,10 @@ import jax.numpy as jnp
 
 from maxup_jax.models.resnet_cifar import (
     check_num_classes,
-    make_conv,
-    make_batch_norm,
-    maybe_remat,
     classifier_head,
+    make_batch_norm,
+    make_conv,
+    maybe_remat,
 )
 
 Array = jax.Array

@@ -1,0 +1,27 @@
+"""The README's example runs as written."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs():
+  text = README.read_text()
+  section = text[text.index("## MaxUp in 15 lines"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  assert len(code.strip().splitlines()) <= 25
+  namespace = {}
+  exec(compile(code, str(README), "exec"), namespace)
+  assert np.isfinite(float(namespace["loss"]))
+
+
+def test_readme_starts_with_setup_and_test_commands():
+  lines = README.read_text().splitlines()
+  block = lines[lines.index("```bash") + 1:]
+  assert "train.py" in block[0] and "pip install" in block[0]
+  assert block[1] == ".venv/bin/python -m pytest -q"
+  ci = (README.parent / ".ci" / "run").read_text()
+  assert ".venv/bin/python -m pytest -q" in ci

@@ -1,0 +1,188 @@
+"""End-to-end tests of image training on the real CIFAR-10 in ../shared/tfds."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10_resnet20
+from trainer import checkpointing, image, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "tfds"
+pytestmark = pytest.mark.skipif(
+    not (DATA_DIR / "cifar10").is_dir(), reason=f"real CIFAR-10 not found in {DATA_DIR}")
+
+
+def tiny_config(**overrides):
+  """The quick-start config shrunk to seconds: 256 images, a 2-layer CNN, 8 steps."""
+  config = cifar10_resnet20.get_config()
+  config.data_dir = str(DATA_DIR)
+  config.model = "small_cnn"
+  config.num_train_examples = 256
+  config.num_eval_examples = 200
+  config.batch_size = 64
+  config.eval_batch_size = 100
+  config.num_epochs = 2
+  config.maxup.warmup_epochs = 1
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.learning_rate = 0.05
+  for name, value in overrides.items():
+    target = config
+    *parents, leaf = name.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+
+
+def final_params(workdir):
+  restored = checkpointing.load_arrays(str(workdir))
+  return restored["params"], int(restored["step"])
+
+
+def run_train_py(workdir, config_overrides, extra_env=None, extra_args=()):
+  args = [sys.executable, "train.py", "--config", "configs/cifar10_resnet20.py",
+          "--workdir", str(workdir)]
+  args += [f"--config.{k}={v}" for k, v in config_overrides.items()]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         **(extra_env or {})}
+  return subprocess.Popen(args + list(extra_args), cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def tiny_overrides(**extra):
+  # Same values as tiny_config(), for train.py's command line.
+  overrides = {"data_dir": DATA_DIR, "model": "small_cnn", "num_train_examples": 256,
+               "num_eval_examples": 200, "batch_size": 64, "eval_batch_size": 100,
+               "num_epochs": 2, "maxup.warmup_epochs": 1, "log_every_steps": 1,
+               "checkpoint_every_steps": 2, "learning_rate": 0.05}
+  overrides.update(extra)
+  return overrides
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted single-device run that other tests compare against."""
+  workdir = tmp_path_factory.mktemp("reference")
+  summary = image.train_and_evaluate(tiny_config(num_devices=1), str(workdir))
+  return workdir, summary
+
+
+def test_training_writes_metrics_checkpoints_and_summary(reference_run):
+  workdir, summary = reference_run
+  assert summary["steps"] == 8 and summary["steps_this_run"] == 8
+  assert 0.0 <= summary["final_top1"] <= 1.0
+  records = metrics.read_metrics(workdir)
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == list(range(1, 9))
+  # Standard augmentation for the warm-up epoch (4 steps), then MaxUp m=4.
+  assert [r["num_copies"] for r in train] == [1] * 4 + [4] * 4
+  for r in train[4:]:
+    assert r["loss"] >= r["mean_copy_loss"] - 1e-6  # The worst copy is no better than the mean.
+  assert [r["step"] for r in records if r["split"] == "test"] == [4, 8]
+  assert (workdir / "config.json").is_file()
+  assert list((workdir / "tensorboard").iterdir())
+  assert final_params(workdir)[1] == 8
+
+
+def test_one_and_four_devices_follow_the_same_trajectory(reference_run, tmp_path):
+  assert jax.device_count() == 4
+  image.train_and_evaluate(tiny_config(num_devices=4), str(tmp_path))
+  one, four = train_losses(reference_run[0]), train_losses(tmp_path)
+  assert one.keys() == four.keys()
+  np.testing.assert_allclose([four[s] for s in sorted(four)], [one[s] for s in sorted(one)],
+                             rtol=2e-4)
+  chex.assert_trees_all_close(final_params(tmp_path)[0], final_params(reference_run[0])[0],
+                              rtol=2e-3, atol=2e-5)
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path):
+  # ResNet-20 steps take long enough for the kill to land mid-run.
+  overrides = tiny_overrides(model="resnet20")
+  proc = run_train_py(tmp_path, overrides)
+  checkpoints = tmp_path / "checkpoints"
+  deadline = time.time() + 240
+  while not (checkpoints / "2").is_dir():
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 8, f"the run finished before the kill: {saved}"
+  last_saved = saved[-1]
+
+  restart = run_train_py(tmp_path, overrides)
+  out, _ = restart.communicate(timeout=300)
+  assert restart.returncode == 0, out
+  assert "summary: final_top1=" in out
+  train_steps = [r["step"] for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
+  # The restart began right after the newest checkpoint: nothing before it was lost.
+  restart_begins = len(train_steps) - (8 - last_saved)
+  assert train_steps[restart_begins:] == list(range(last_saved + 1, 9))
+  assert train_steps[:restart_begins][-1] >= last_saved
+
+  uninterrupted = tmp_path / "uninterrupted"
+  image.train_and_evaluate(tiny_config(model="resnet20", num_devices=1), str(uninterrupted))
+  resumed_params, step = final_params(tmp_path)
+  assert step == 8
+  chex.assert_trees_all_close(resumed_params, final_params(uninterrupted)[0], rtol=1e-5, atol=1e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
+  port = _free_port()
+  procs = [
+      run_train_py(tmp_path, tiny_overrides(),
+                   extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                   extra_args=["--coordinator_address", f"localhost:{port}",
+                               "--num_processes", "2", "--process_id", str(pid)])
+      for pid in range(2)
+  ]
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+  assert "summary:" in outputs[0] and "summary:" not in outputs[1]  # Only process 0 reports.
+  two, one = train_losses(tmp_path), train_losses(reference_run[0])
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-4)
+  chex.assert_trees_all_close(final_params(tmp_path)[0], final_params(reference_run[0])[0],
+                              rtol=2e-3, atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "resnet7"}, "model='resnet7'"),
+    ({"dataset": "svhn"}, "dataset='svhn'"),
+    ({"augment.gaussian_sigma": -0.1}, "gaussian_sigma=-0.1"),
+    ({"maxup.num_copies": 0}, "maxup.num_copies=0"),
+    ({"batch_size": 66}, "not divisible by the 4 devices"),
+    ({"maxup.mode": "triple"}, "maxup.mode='triple'"),
+])
+def test_bad_configs_fail_before_training(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    image.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+    image.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
