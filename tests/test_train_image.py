@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import chex
+import flax
 import jax
 import numpy as np
 import pytest
@@ -23,10 +24,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def tiny_config(**overrides):
-  """The quick-start config shrunk to seconds: 256 images, a 2-layer CNN, 8 steps."""
+  """The quick-start config shrunk to seconds: 256 images, ResNet-8, 8 steps."""
   config = cifar10_resnet20.get_config()
   config.data_dir = str(DATA_DIR)
-  config.model = "small_cnn"
+  config.model = "resnet8"
   config.num_train_examples = 256
   config.num_eval_examples = 200
   config.batch_size = 64
@@ -66,7 +67,7 @@ def run_train_py(workdir, config_overrides, extra_env=None, extra_args=()):
 
 def tiny_overrides(**extra):
   # Same values as tiny_config(), for train.py's command line.
-  overrides = {"data_dir": DATA_DIR, "model": "small_cnn", "num_train_examples": 256,
+  overrides = {"data_dir": DATA_DIR, "model": "resnet8", "num_train_examples": 256,
                "num_eval_examples": 200, "batch_size": 64, "eval_batch_size": 100,
                "num_epochs": 2, "maxup.warmup_epochs": 1, "log_every_steps": 1,
                "checkpoint_every_steps": 2, "learning_rate": 0.05}
@@ -106,13 +107,14 @@ def test_one_and_four_devices_follow_the_same_trajectory(reference_run, tmp_path
   assert one.keys() == four.keys()
   np.testing.assert_allclose([four[s] for s in sorted(four)], [one[s] for s in sorted(one)],
                              rtol=2e-4)
+  # Reductions split over devices round differently; after 8 steps that
+  # shows up around 1e-4 in the parameters (of scale 0.1).
   chex.assert_trees_all_close(final_params(tmp_path)[0], final_params(reference_run[0])[0],
-                              rtol=2e-3, atol=2e-5)
+                              rtol=1e-2, atol=1e-3)
 
 
-def test_sigkill_then_restart_resumes_exactly(tmp_path):
-  # ResNet-20 steps take long enough for the kill to land mid-run.
-  overrides = tiny_overrides(model="resnet20")
+def test_sigkill_then_restart_resumes_exactly(reference_run, tmp_path):
+  overrides = tiny_overrides()
   proc = run_train_py(tmp_path, overrides)
   checkpoints = tmp_path / "checkpoints"
   deadline = time.time() + 240
@@ -136,11 +138,31 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path):
   assert train_steps[restart_begins:] == list(range(last_saved + 1, 9))
   assert train_steps[:restart_begins][-1] >= last_saved
 
-  uninterrupted = tmp_path / "uninterrupted"
-  image.train_and_evaluate(tiny_config(model="resnet20", num_devices=1), str(uninterrupted))
+  # The same computation as the uninterrupted reference run, on one device.
   resumed_params, step = final_params(tmp_path)
   assert step == 8
-  chex.assert_trees_all_close(resumed_params, final_params(uninterrupted)[0], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(resumed_params, final_params(reference_run[0])[0],
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tune_from_checkpoint_with_frozen_batch_norm(reference_run, tmp_path):
+  pretrained = checkpointing.load_arrays(str(reference_run[0]))
+  image.train_and_evaluate(
+      tiny_config(num_devices=1, num_epochs=1, init_checkpoint=str(reference_run[0]),
+                  freeze_batch_norm=True, **{"maxup.warmup_epochs": 0}),
+      str(tmp_path))
+  tuned = checkpointing.load_arrays(str(tmp_path))
+  assert int(tuned["step"]) == 4  # A fresh run: steps count from 0, not from the pretrained 8.
+  flat_pre = flax.traverse_util.flatten_dict(pretrained["params"])
+  flat_tuned = flax.traverse_util.flatten_dict(tuned["params"])
+  bn_layers = set(flax.traverse_util.flatten_dict(pretrained["batch_stats"]))
+  frozen = [k for k in flat_pre if k[:-1] + ("mean",) in bn_layers]
+  assert len(frozen) == len(bn_layers) > 0  # scale and bias; mean and var.
+  for name in frozen:  # Loaded from the checkpoint and kept fixed.
+    np.testing.assert_array_equal(flat_tuned[name], flat_pre[name])
+  chex.assert_trees_all_equal(tuned["batch_stats"], pretrained["batch_stats"])
+  trained = [k for k in flat_pre if k not in frozen]
+  assert all(not np.array_equal(flat_tuned[k], flat_pre[k]) for k in trained)
 
 
 def _free_port():
@@ -166,7 +188,7 @@ def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
                              rtol=2e-4)
   chex.assert_trees_all_close(final_params(tmp_path)[0], final_params(reference_run[0])[0],
-                              rtol=2e-3, atol=2e-5)
+                              rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -397,8 +397,9 @@ def certify_dataset(
   Args:
     classify_fn: `[b, *image_shape] -> [b, num_classes]` logits on raw inputs
       (noise is added before any normalisation the classifier does).
-    images: `[N, *image_shape]` floating point test inputs (numpy or jax).
-    labels: `[N]` int labels.
+    images: `[N, *image_shape]` floating point test inputs: an array, or any
+      sequence that yields one image per index (only certified ones are read).
+    labels: `[N]` int labels, an array or sequence.
     out_dir: directory of the log, config, table and plot (created if needed).
     sigma: noise standard deviation, > 0.
     seed: base seed when `key` is None.

@@ -40,24 +40,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
 
-def restore_from(directory: str, state: Any, step: int | None = None) -> Any:
-  """Reads a checkpoint written by another run (e.g. to fine-tune from it).
-
-  Args:
-    directory: a run's workdir or its `checkpoints` folder.
-    state: a pytree with the structure and shardings to restore into.
-    step: which step; default the newest.
-  """
-  if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
-    directory = os.path.join(directory, CHECKPOINT_DIR)
-  with ocp.CheckpointManager(os.path.abspath(directory),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint found in {directory!r}.")
-    return manager.restore(step, args=ocp.args.StandardRestore(_abstract(state)))
-
-
 def _abstract(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
@@ -65,8 +47,8 @@ def _abstract(state):
 def load_arrays(directory: str, step: int | None = None) -> Any:
   """A checkpoint's whole tree on the first local device, whatever topology saved it.
 
-  For reading a run's results (analysis, certification, tests) without
-  rebuilding its training state.
+  For reading another run's results (fine-tuning, certification, analysis)
+  without rebuilding its training state.
 
   Args:
     directory: a run's workdir or its `checkpoints` folder.
@@ -74,12 +56,13 @@ def load_arrays(directory: str, step: int | None = None) -> Any:
   """
   if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
     directory = os.path.join(directory, CHECKPOINT_DIR)
-  with ocp.CheckpointManager(os.path.abspath(directory),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint found in {directory!r}.")
-    item = os.path.join(os.path.abspath(directory), str(step), "default")
+  steps = sorted(int(name) for name in _listdir(directory) if name.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint found in {directory!r}.")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; it has {steps}.")
+  item = os.path.join(os.path.abspath(directory), str(step), "default")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(item)
   tree = getattr(metadata, "item_metadata", metadata)
@@ -87,3 +70,10 @@ def load_arrays(directory: str, step: int | None = None) -> Any:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   return checkpointer.restore(item, target)
+
+
+def _listdir(directory: str) -> list[str]:
+  try:
+    return os.listdir(directory)
+  except FileNotFoundError:
+    return []

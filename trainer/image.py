@@ -164,19 +164,34 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(config, schedule, params) -> optax.GradientTransformation:
-  """SGD with momentum and coupled weight decay, as torch.optim.SGD applies it."""
+def make_optimizer(config, schedule, variables) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay, as torch.optim.SGD applies it.
+
+  `variables` (abstract is enough) tells which parameters belong to BatchNorm
+  layers: those whose module also owns 'batch_stats'.
+  """
   tx = optax.chain(
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
   )
   if config.freeze_batch_norm:
     # The EfficientNet fine-tuning recipe: BatchNorm scale and bias stay fixed.
-    labels = flax.traverse_util.path_aware_map(
-        lambda path, _: "frozen" if any("BatchNorm" in p or "bn" in p.lower() for p in path)
-        else "trained", params)
+    frozen = batch_norm_modules(variables)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _module_path(path) in frozen else "trained",
+        variables["params"])
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
+
+
+def batch_norm_modules(variables) -> set[tuple[str, ...]]:
+  """Module paths of the layers that keep 'batch_stats' (the BatchNorm layers)."""
+  paths = jax.tree_util.tree_flatten_with_path(variables.get("batch_stats", {}))[0]
+  return {_module_path(path) for path, _ in paths}
+
+
+def _module_path(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", k)) for k in path[:-1])
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:
@@ -311,12 +326,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   root_key = jax.random.key(config.seed)
   init_key, train_key = jax.random.split(root_key)
 
-  abstract_params = jax.eval_shape(
-      lambda: model.init(init_key, jnp.zeros((1,) + train_data.image_shape), train=False))["params"]
-  tx = make_optimizer(config, schedule, abstract_params)
+  abstract_variables = jax.eval_shape(
+      lambda: model.init(init_key, jnp.zeros((1,) + train_data.image_shape), train=False))
+  tx = make_optimizer(config, schedule, abstract_variables)
   state = initial_state(config, model, tx, train_data.image_shape, init_key, replicated)
   if config.init_checkpoint:
-    state = _load_pretrained(state, config.init_checkpoint)
+    state = _load_pretrained(state, config.init_checkpoint, replicated)
 
   manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   state = checkpointing.restore_latest(manager, state)
@@ -419,10 +434,18 @@ def _best_so_far(workdir: str) -> float:
   return max((r["top1"] for r in records if r.get("split") == "test"), default=0.0)
 
 
-def _load_pretrained(state: TrainState, directory: str) -> TrainState:
-  """Takes parameters and BatchNorm statistics from another run's checkpoint."""
-  restored = checkpointing.restore_from(directory, state)
-  return state.replace(params=restored.params, batch_stats=restored.batch_stats)
+def _load_pretrained(state: TrainState, directory: str, replicated) -> TrainState:
+  """Takes parameters and BatchNorm statistics from another run's newest checkpoint."""
+  restored = checkpointing.load_arrays(directory)
+  loaded = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+  expected = {"params": state.params, "batch_stats": state.batch_stats}
+  shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+  if shapes(loaded) != shapes(expected):
+    raise ValueError(
+        f"init_checkpoint={directory!r} holds parameters of another model than "
+        "config.model; they do not match in structure or shapes.")
+  loaded = jax.device_put(loaded, replicated)
+  return state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
 
 
 def _write_config(config, workdir):
