@@ -25,6 +25,7 @@ def get_config():
   config.remat = False
 
   config.num_devices = 0  # 0: every device of every process; n: the first n (one process).
+  config.expected_device_count = 0  # > 0: fail unless the run sees exactly this many devices.
   config.batch_size = 256  # Global, over all devices and processes.
   config.eval_batch_size = 500
   config.num_epochs = 200
@@ -56,10 +57,15 @@ def get_config():
   config.maxup.num_copies = 4  # 1 = standard augmentation.
   config.maxup.mode = "two_pass"  # two_pass | single_pass
   config.maxup.warmup_epochs = 5  # Standard augmentation first, as the paper does.
+  # two_pass only: rank the copies with the model computing in this dtype
+  # ("" = config.dtype); e.g. "bfloat16" selection for a float32 gradient pass.
+  config.maxup.selection_dtype = ""
 
   config.seed = 0
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  config.nonfinite = "stop"  # A NaN/inf loss: "stop" (naming the step) or "skip" the update.
+  config.profile_steps = 0  # > 0: jax.profiler trace of that many steps in workdir/profile.
   return config

@@ -62,6 +62,7 @@ def maxup_loss(
     *,
     has_aux: bool = False,
     mode: Literal["two_pass", "single_pass"] = "two_pass",
+    selection_loss_fn: LossFn | None = None,
 ) -> tuple[Array, MaxUpAux]:
   r"""Mean over the batch of the worst-copy loss of each example.
 
@@ -102,6 +103,12 @@ def maxup_loss(
     num_copies: m >= 1, the number of augmented copies per example.
     has_aux: whether `loss_fn` returns `(losses, aux)`.
     mode: `"two_pass"` or `"single_pass"`, see above.
+    selection_loss_fn: `two_pass` only: the loss that ranks the copies in the
+      selection passes, with `loss_fn`'s signature and return convention
+      (default `loss_fn`). It must build the same copy from the same key; use
+      it to select with a cheaper variant of the model, e.g. one computing in
+      bfloat16 while the gradient pass stays in float32. `aux.copy_losses`
+      then holds its values.
 
   Returns:
     `(loss, aux)`: the scalar mean worst-copy loss, differentiable in
@@ -114,6 +121,10 @@ def maxup_loss(
   _check_num_copies(num_copies)
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  if selection_loss_fn is not None and mode != "two_pass":
+    raise ValueError(
+        f"selection_loss_fn is only used by mode='two_pass' (single_pass "
+        f"differentiates the selection itself); got mode={mode!r}.")
   _check_key(key)
   batch_size = _batch_size(batch)
 
@@ -132,8 +143,10 @@ def maxup_loss(
     selected = jnp.zeros((batch_size,), jnp.int32)
     copy_losses = jax.lax.stop_gradient(worst)[None]
   else:
+    select = call if selection_loss_fn is None else _checked_loss_fn(
+        selection_loss_fn, has_aux, batch_size)
     frozen = jax.lax.stop_gradient(params)
-    copy_losses, _ = jax.vmap(call, in_axes=(None, None, 0))(frozen, batch, keys)
+    copy_losses, _ = jax.vmap(select, in_axes=(None, None, 0))(frozen, batch, keys)
     copy_losses = jax.lax.stop_gradient(copy_losses)
     selected = jnp.argmax(copy_losses, axis=0)
     winning_keys = keys[selected, jnp.arange(batch_size)]

@@ -455,3 +455,39 @@ class ErrorsTest(parameterized.TestCase):
   def test_empty_batch(self):
     with pytest.raises(ValueError, match="at least one array"):
       self._call(batch={})
+
+
+class SelectionLossTest(parameterized.TestCase):
+
+  def test_selection_loss_ranks_and_gradient_pass_differentiates(self):
+    params, batch, key = _linear_params(), _batch(), jax.random.key(3)
+
+    def reversed_ranking(params, batch, keys):
+      return -noisy_linear_loss(params, batch, keys)
+
+    loss, aux = maxup_loss(noisy_linear_loss, params, batch, key, 4,
+                           selection_loss_fn=reversed_ranking)
+    # The selection picked each example's *best* copy under loss_fn...
+    _, plain_aux = maxup_loss(noisy_linear_loss, params, batch, key, 4)
+    np.testing.assert_array_equal(aux.selected_copy, jnp.argmin(plain_aux.copy_losses, axis=0))
+    chex.assert_trees_all_close(aux.copy_losses, -plain_aux.copy_losses)
+    # ...and the returned loss is loss_fn on those copies.
+    chex.assert_trees_all_close(loss, plain_aux.copy_losses.min(0).mean(), rtol=1e-6)
+
+  def test_bfloat16_selection_agrees_with_float32_on_clear_winners(self):
+    params, batch, key = _linear_params(), _batch(), jax.random.key(8)
+
+    def bf16_loss(params, batch, keys):
+      params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+      x = (batch["x"] + _noise(keys)).astype(jnp.bfloat16)
+      return _xent((x @ params["w"] + params["b"]).astype(jnp.float32), batch["y"])
+
+    loss, aux = maxup_loss(noisy_linear_loss, params, batch, key, 4, selection_loss_fn=bf16_loss)
+    _, f32 = maxup_loss(noisy_linear_loss, params, batch, key, 4)
+    chex.assert_trees_all_close(aux.copy_losses, f32.copy_losses, rtol=3e-2, atol=3e-2)
+    assert jnp.mean(aux.selected_copy == f32.selected_copy) >= 5 / 6
+
+  def test_selection_loss_needs_two_pass(self):
+    with pytest.raises(ValueError, match="only used by mode='two_pass'"):
+      maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
+                 mode="single_pass", selection_loss_fn=noisy_linear_loss)

@@ -208,3 +208,112 @@ def test_bad_configs_fail_before_training(tmp_path, overrides, message):
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
     image.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
+
+
+def _wait_for_checkpoint(proc, checkpoints, step, timeout=240):
+  deadline = time.time() + timeout
+  while not (checkpoints / str(step)).is_dir():
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
+  proc = run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100))
+  # The first (compile-heavy) step is done once its metrics are logged.
+  deadline = time.time() + 240
+  while not (tmp_path / "metrics.jsonl").is_file() or "train" not in (
+      tmp_path / "metrics.jsonl").read_text():
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "preempted: saved step" in out
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 1 <= saved[0] < 8, (saved, out)
+
+  restart = run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100))
+  out, _ = restart.communicate(timeout=300)
+  assert restart.returncode == 0, out
+  params, step = final_params(tmp_path)
+  assert step == 8
+  chex.assert_trees_all_close(params, final_params(reference_run[0])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, tmp_path):
+  def start():
+    port = _free_port()
+    return [
+        run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100),
+                     extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                     extra_args=["--coordinator_address", f"localhost:{port}",
+                                 "--num_processes", "2", "--process_id", str(pid)])
+        for pid in range(2)
+    ]
+
+  procs = start()
+  deadline = time.time() + 300
+  while not (tmp_path / "metrics.jsonl").is_file() or "train" not in (
+      tmp_path / "metrics.jsonl").read_text():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=200)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and saved[0] < 8, (saved, outputs)
+  assert "preempted: saved step" in outputs[0]
+
+  outputs = [p.communicate(timeout=300)[0] for p in start()]
+  params, step = final_params(tmp_path)
+  assert step == 8, outputs
+  chex.assert_trees_all_close(params, final_params(reference_run[0])[0], rtol=1e-2, atol=1e-3)
+
+
+def _exploding_config(**overrides):
+  # The learning rate jumps to 1e30 after the first epoch (step 4).
+  return tiny_config(num_devices=1, lr_schedule="piecewise", lr_decay_epochs=(1,),
+                     lr_decay_factor=1e30, **overrides)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_good_checkpoint(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"NaN/inf at step (5|6); the newest checkpoint, "
+                     r"step 4 in"):
+    image.train_and_evaluate(_exploding_config(), str(tmp_path))
+  restored = checkpointing.load_arrays(str(tmp_path))
+  assert int(restored["step"]) == 4
+  chex.assert_tree_all_finite(restored["params"])
+
+
+def test_nonfinite_updates_can_be_skipped(tmp_path):
+  summary = image.train_and_evaluate(_exploding_config(nonfinite="skip"), str(tmp_path))
+  assert summary["steps"] == 8
+  train = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
+  assert sum(r["nonfinite"] for r in train) >= 2
+  chex.assert_tree_all_finite(checkpointing.load_arrays(str(tmp_path))["params"])
+
+
+def test_bfloat16_training_keeps_float32_state(tmp_path):
+  summary = image.train_and_evaluate(
+      tiny_config(num_devices=1, num_epochs=1, dtype="bfloat16"), str(tmp_path))
+  assert np.isfinite(summary["final_top1"])
+  restored = checkpointing.load_arrays(str(tmp_path))
+  state = (restored["params"], restored["batch_stats"], restored["opt_state"])
+  float_leaves = [x for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)]
+  assert float_leaves and all(x.dtype == np.float32 for x in float_leaves)
+  assert all(np.isfinite(r["loss"]) for r in metrics.read_metrics(tmp_path) if "loss" in r)
+
+
+def test_bfloat16_selection_with_float32_gradient_pass(tmp_path):
+  summary = image.train_and_evaluate(
+      tiny_config(num_devices=1, **{"maxup.warmup_epochs": 0, "maxup.selection_dtype": "bfloat16",
+                                    "num_epochs": 1, "profile_steps": 2}),
+      str(tmp_path))
+  assert np.isfinite(summary["final_top1"])
+  assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace written"
+
+
+def test_preset_device_count_is_checked(tmp_path):
+  with pytest.raises(ValueError, match="expected_device_count=8 but the run has 4 devices"):
+    image.train_and_evaluate(tiny_config(expected_device_count=8), str(tmp_path))

@@ -29,7 +29,7 @@ from maxup_jax import models
 from maxup_jax.maxup import MODES, maxup_loss
 from trainer import checkpointing, input_pipeline
 from trainer import metrics as metrics_lib
-from trainer import progress
+from trainer import preemption, progress
 
 # Per-channel mean and std of the training images in [0, 1] pixel scale.
 DATASET_STATS = {
@@ -41,6 +41,7 @@ DATASET_STATS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("piecewise", "cosine", "constant")
 EVAL_SPLITS = {"imagenet2012": "validation"}
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @flax.struct.dataclass
@@ -87,6 +88,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
   check(maxup.warmup_epochs >= 0, f"maxup.warmup_epochs={maxup.warmup_epochs}; must be >= 0")
+  check(maxup.selection_dtype in ("",) + tuple(DTYPES),
+        f"maxup.selection_dtype={maxup.selection_dtype!r}; valid: '' (= dtype) or {sorted(DTYPES)}")
+  check(config.nonfinite in NONFINITE_POLICIES,
+        f"nonfinite={config.nonfinite!r}; valid: {list(NONFINITE_POLICIES)}")
+  check(config.profile_steps >= 0, f"profile_steps={config.profile_steps}; must be >= 0")
+  if config.expected_device_count:
+    check(config.expected_device_count == num_devices,
+          f"expected_device_count={config.expected_device_count} but the run has {num_devices} "
+          f"devices; the preset's global batch {config.batch_size} assumes "
+          f"{config.batch_size // config.expected_device_count} per device")
   aug = config.augment
   check(aug.gaussian_sigma >= 0, f"augment.gaussian_sigma={aug.gaussian_sigma}; must be >= 0")
   check(aug.cutout_length >= 0, f"augment.cutout_length={aug.cutout_length}; must be >= 0 (0 = off)")
@@ -204,36 +215,49 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_copies: int,
-               mode: str, freeze_batch_norm: bool = False):
+               mode: str, freeze_batch_norm: bool = False, selection_model=None,
+               skip_nonfinite: bool = False):
   """One SGD step on the MaxUp loss; `num_copies=1` is standard augmentation.
 
   Args:
     state: the replicated `TrainState`.
     batch: {'image': uint8 [B,H,W,C], 'label': int32 [B]}, sharded on the batch.
     key: this step's PRNG key (the same on every process).
+    selection_model: the model that ranks the copies in two-pass MaxUp, e.g.
+      `model` computing in bfloat16; default `model`.
+    skip_nonfinite: a step whose loss or gradient is NaN/inf leaves the state
+      unchanged (but for the step counter) instead of applying the update.
 
   Returns:
     (new_state, metrics) with scalar metrics: `loss` (mean worst-copy loss),
     `mean_copy_loss` (mean over all copies, i.e. what plain augmentation
-    would report), `accuracy` (on the trained copies) and `grad_norm`.
+    would report), `accuracy` (on the trained copies), `grad_norm` and
+    `nonfinite` (1.0 if this step's loss or gradient was NaN/inf).
   """
   images = to_unit_float(batch["image"])
 
-  def loss_fn(params, batch, keys):
-    augmented, labels = augmentation(keys, images, batch["label"])
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    if freeze_batch_norm:
-      logits = model.apply(variables, augmented, train=False)
-      new_stats = state.batch_stats
-    else:
-      logits, updates = model.apply(variables, augmented, train=True, mutable=["batch_stats"])
-      new_stats = updates["batch_stats"]
-    per_example = losses.softmax_cross_entropy(logits, labels)
-    correct = losses.topk_correct(logits, labels, 1)
-    return per_example, (new_stats, correct)
+  def make_loss_fn(model):
+    def loss_fn(params, batch, keys):
+      augmented, labels = augmentation(keys, images, batch["label"])
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if freeze_batch_norm:
+        logits = model.apply(variables, augmented, train=False)
+        new_stats = state.batch_stats
+      else:
+        logits, updates = model.apply(variables, augmented, train=True, mutable=["batch_stats"])
+        new_stats = updates["batch_stats"]
+      per_example = losses.softmax_cross_entropy(logits, labels)
+      correct = losses.topk_correct(logits, labels, 1)
+      return per_example, (new_stats, correct)
+    return loss_fn
+
+  select = None
+  if selection_model is not None and mode == "two_pass":
+    select = make_loss_fn(selection_model)
 
   def objective(params):
-    return maxup_loss(loss_fn, params, batch, key, num_copies, has_aux=True, mode=mode)
+    return maxup_loss(make_loss_fn(model), params, batch, key, num_copies, has_aux=True,
+                      mode=mode, selection_loss_fn=select)
 
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_stats, correct = aux.loss_aux
@@ -243,14 +267,20 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     correct = jnp.take_along_axis(correct, aux.selected_copy[None], axis=0)[0]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                            opt_state=opt_state)
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, state.replace(step=state.step + 1))
   metrics = {
       "loss": loss,
       "mean_copy_loss": aux.copy_losses.mean(),
       "accuracy": correct.astype(jnp.float32).mean(),
-      "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+      "grad_norm": grad_norm,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
   return new_state, metrics
 
 
@@ -299,10 +329,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as `config` says; everything written goes under `workdir`.
 
   Restarting with the same config and workdir resumes from the newest
-  checkpoint with the same data order and random stream.
+  checkpoint with the same data order and random stream. A SIGTERM makes
+  every process checkpoint the same step and return early (`preempted`).
 
   Returns:
     A summary dict (final and best test top-1, wall time, images/s).
+
+  Raises:
+    FloatingPointError: the loss or gradient became NaN/inf (unless
+      `config.nonfinite == "skip"`); the message names the step and the
+      newest checkpoint, which predates it.
   """
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.size)
@@ -320,11 +356,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   warmup_steps = int(config.maxup.warmup_epochs * steps_per_epoch)
   num_classes = train_data.num_classes
 
-  model = models.create_model(
-      config.model, num_classes=num_classes, dtype=DTYPES[config.dtype], remat=config.remat)
+  def build_model(dtype):
+    return models.create_model(config.model, num_classes=num_classes, dtype=DTYPES[dtype],
+                               remat=config.remat)
+
+  model = build_model(config.dtype)
+  selection_model = None
+  if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
+    selection_model = build_model(config.maxup.selection_dtype)
   schedule = make_schedule(config, steps_per_epoch)
-  root_key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(root_key)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
   abstract_variables = jax.eval_shape(
       lambda: model.init(init_key, jnp.zeros((1,) + train_data.image_shape), train=False))
@@ -342,9 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     logging.info("Resuming from step %d.", start_step)
 
-  augmentation = make_augmentation(config, num_classes)
-  step_kwargs = dict(model=model, tx=tx, augmentation=augmentation, mode=config.maxup.mode,
-                     freeze_batch_norm=config.freeze_batch_norm)
+  step_kwargs = dict(
+      model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
+      mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
+      selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
   # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
   step_fns = {
       m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
@@ -362,67 +404,147 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"loss": sums["loss"] / sums["count"], "top1": sums["top1"] / sums["count"],
             "top5": sums["top5"] / sums["count"]}
 
+  def check_finite(window):
+    bad_step = window.first_nonfinite_step()
+    if bad_step is not None and config.nonfinite == "stop":
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f"the loss or gradient became NaN/inf at step {bad_step}; the newest checkpoint, "
+          f"step {manager.latest_step()} in {manager.directory}, predates it. Lower the "
+          "learning rate, or set nonfinite='skip' to skip such updates.")
+
   train_batches = input_pipeline.prefetch(input_pipeline.train_batches(
       train_data, config.batch_size, seed=config.seed, start_step=start_step))
-  history = {"best_top1": _best_so_far(workdir) if start_step else 0.0, "final": {}}
+  best_top1 = _best_so_far(workdir) if start_step else 0.0
+  final, done, steady_start = {}, start_step, None
   started = time.time()
-  window_start, window_steps, window_sums = time.time(), 0, None
+  window = _MetricWindow()
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-  with train_batches, progress.bar(total=total_steps, initial=start_step, desc="train") as bar:
+  profiler = _Profiler(workdir, first_step=start_step + 1, num_steps=config.profile_steps)
+  with train_batches, preemption.PreemptionWatcher() as watcher, profiler, \
+      progress.bar(total=total_steps, initial=start_step, desc="train") as bar:
     for step in range(start_step, total_steps):
+      profiler.at(step)
       batch = input_pipeline.to_global_array(next(train_batches), data_sharding)
       num_copies = 1 if step < warmup_steps else config.maxup.num_copies
       state, metrics = step_fns[num_copies](state, batch, jax.random.fold_in(train_key, step))
-      if step == start_step:
+      if steady_start is None:
         # Throughput is measured from here on, after the first compilation.
         jax.block_until_ready(metrics)
         steady_start = time.time()
-      # Summed on device; read back only when logged, so steps are not synchronised.
-      window_sums = metrics if window_sums is None else jax.tree.map(jnp.add, window_sums, metrics)
-      window_steps += 1
       done = step + 1
+      window.add(done, metrics)
       bar.update(1)
+      preempted = watcher.should_stop(done)
 
-      if done % config.log_every_steps == 0 or done == total_steps:
-        means = {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
-        elapsed = time.time() - window_start
+      if done % config.log_every_steps == 0 or done == total_steps or preempted:
+        check_finite(window)
+        means = window.read()
         means.update(learning_rate=float(schedule(step)), num_copies=num_copies,
                      epoch=done / steps_per_epoch,
-                     images_per_second=window_steps * config.batch_size / elapsed)
+                     images_per_second=means.pop("steps") * config.batch_size / means.pop("seconds"))
         writer.write(done, "train", means)
         bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-        window_start, window_steps, window_sums = time.time(), 0, None
 
       if done % eval_every == 0 or done == total_steps:
-        result = evaluate(state)
-        history["best_top1"] = max(history["best_top1"], result["top1"])
-        history["final"] = result
-        writer.write(done, "test", {**result, "epoch": done / steps_per_epoch})
+        final = evaluate(state)
+        best_top1 = max(best_top1, final["top1"])
+        writer.write(done, "test", {**final, "epoch": done / steps_per_epoch})
         bar.write(f"step {done} epoch {done / steps_per_epoch:.2f}: test top-1 "
-                  f"{result['top1']:.4f} top-5 {result['top5']:.4f} loss {result['loss']:.4f}")
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+                  f"{final['top1']:.4f} top-5 {final['top5']:.4f} loss {final['loss']:.4f}")
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or preempted:
+        check_finite(window)  # Never checkpoint a state that went NaN.
         checkpointing.save(manager, done, state)
+      if preempted:
+        bar.write(f"preempted: saved step {done} in {manager.directory}; run again to resume.")
+        break
 
-  if not history["final"]:  # Resumed a finished run: report its accuracy all the same.
-    history["final"] = evaluate(state)
-    history["best_top1"] = history["final"]["top1"]
+  if not final:  # Resumed a finished run, or preempted before any evaluation.
+    final = evaluate(state)
+    best_top1 = max(best_top1, final["top1"])
   manager.wait_until_finished()
   manager.close()
-  seconds = time.time() - started
-  steps_run = total_steps - start_step
+  steps_run = done - start_step
   summary = {
-      "final_top1": history["final"].get("top1"),
-      "best_top1": history["best_top1"] if history["final"] else None,
-      "steps": total_steps,
+      "final_top1": final["top1"],
+      "best_top1": best_top1,
+      "steps": done,
       "steps_this_run": steps_run,
-      "seconds": seconds,
+      "seconds": time.time() - started,
       # Over all steps after the first, evaluation and checkpointing included.
       "images_per_second": ((steps_run - 1) * config.batch_size / (time.time() - steady_start)
                             if steps_run > 1 else None),
+      "preempted": done < total_steps,
   }
-  writer.write(total_steps, "summary", {k: v for k, v in summary.items() if v is not None})
+  writer.write(done, "summary", {k: v for k, v in summary.items() if v is not None})
   writer.close()
   return summary
+
+
+class _MetricWindow:
+  """Step metrics since the last read, summed on device so that steps never wait on the host."""
+
+  _NONE = np.iinfo(np.int32).max
+
+  def __init__(self):
+    self._reset()
+
+  def _reset(self):
+    self._sums, self._steps, self._start = None, 0, time.time()
+    self._first_nonfinite = None
+
+  def add(self, step: int, metrics) -> None:
+    bad = jnp.where(metrics["nonfinite"] > 0, step, self._NONE)
+    if self._sums is None:
+      self._sums, self._first_nonfinite = metrics, bad
+    else:
+      self._sums = jax.tree.map(jnp.add, self._sums, metrics)
+      self._first_nonfinite = jnp.minimum(self._first_nonfinite, bad)
+    self._steps += 1
+
+  def first_nonfinite_step(self) -> int | None:
+    """Reads (and so waits for) the first step with a NaN/inf since the last read."""
+    if self._first_nonfinite is None:
+      return None
+    step = int(self._first_nonfinite)
+    return None if step == self._NONE else step
+
+  def read(self) -> dict:
+    """Means over the window, plus `steps` and `seconds`; starts a new window."""
+    means = {k: float(v) / self._steps for k, v in jax.device_get(self._sums).items()}
+    means.update(steps=self._steps, seconds=time.time() - self._start)
+    self._reset()
+    return means
+
+
+class _Profiler:
+  """Traces `num_steps` steps from `first_step` on into `workdir/profile` (TensorBoard, Perfetto)."""
+
+  def __init__(self, workdir: str, first_step: int, num_steps: int):
+    self._dir = os.path.join(workdir, "profile")
+    self._first, self._last = first_step, first_step + num_steps
+    self._active = False
+    self._enabled = num_steps > 0
+
+  def at(self, step: int) -> None:
+    if not self._enabled:
+      return
+    if step == self._first and not self._active:
+      jax.profiler.start_trace(self._dir)
+      self._active = True
+    elif step == self._last and self._active:
+      self.stop()
+
+  def stop(self) -> None:
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
 
 
 def _best_so_far(workdir: str) -> float:
