@@ -1,0 +1,62 @@
+"""Every config file builds, and the presets scale as documented."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from configs import cifar_paper, hardware, imagenet_cutmix
+from trainer import image
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_config_builds(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.task in ("image", "language")
+
+
+@pytest.mark.parametrize("dataset", cifar_paper.DATASETS)
+@pytest.mark.parametrize("model", cifar_paper.MODELS)
+@pytest.mark.parametrize("method", cifar_paper.METHODS)
+def test_paper_cifar_configs_are_valid(dataset, model, method):
+  config = cifar_paper.get_config(f"{dataset},{model},{method}")
+  image.validate_config(config, num_devices=1)
+  expected_m = 1 if method == "cutout" else (10 if model == "wrn28_10" else 4)
+  assert config.maxup.num_copies == expected_m
+  assert config.num_epochs == 200 and config.batch_size == 256
+  assert config.augment.cutout_length == (16 if dataset == "cifar10" else 8)
+
+
+def test_imagenet_config_is_the_paper_fine_tune():
+  config = imagenet_cutmix.get_config("resnet101,maxup")
+  assert (config.model, config.maxup.num_copies, config.learning_rate) == ("resnet101", 4, 1e-5)
+  assert (config.batch_size, config.num_epochs, config.augment.cutmix_alpha) == (256, 20, 1.0)
+
+
+@pytest.mark.parametrize("arg", ["cifar10,resnet99,maxup", "svhn,resnet110,maxup", "cifar10"])
+def test_bad_paper_config_arguments(arg):
+  with pytest.raises(ValueError, match="valid|expected"):
+    cifar_paper.get_config(arg)
+
+
+def test_presets_scale_batch_and_learning_rate():
+  base = cifar_paper.get_config("cifar10,wrn28_10,maxup")
+  config = hardware.get_config("gpu8:cifar_paper:cifar10,wrn28_10,maxup")
+  assert config.expected_device_count == 8 and config.batch_size == 1024
+  assert config.learning_rate == pytest.approx(base.learning_rate * 4)
+  assert config.lr_warmup_epochs == 5 and config.dtype == "bfloat16"
+  assert config.maxup.num_copies == 10
+  image.validate_config(config, num_devices=8)
+  with pytest.raises(ValueError, match="expected_device_count=8 but the run has 4 devices"):
+    image.validate_config(config, num_devices=4)
+  pod = hardware.get_config("tpu_v4_32:imagenet_cutmix:resnet50,maxup")
+  assert pod.batch_size == 1024 and pod.learning_rate == pytest.approx(4e-5)
+  assert hardware.get_config("gpu1").lr_warmup_epochs == 0
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match="PRESET='a100'"):
+    hardware.get_config("a100")
