@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from maxup_jax import dynamic_eval
 from maxup_jax.maxup import MODES, maxup_loss
@@ -246,7 +245,7 @@ def apply_transition(state: TrainState, improved, start_averaging, restart,
       avg_params=pick(fresh_average, params, state.avg_params),
       avg_count=jnp.where(fresh_average, 0, state.avg_count),
       averaging=averaging,
-      best_params=pick(True, best, best),
+      best_params=best,
       carry=jax.tree.map(jnp.zeros_like, initial_carry),
   )
 
@@ -294,13 +293,13 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
     carry = jax.tree.map(lambda x: x[aux.selected_copy, streams], carry)
     nll = nll[aux.selected_copy, streams]
 
-  # torch.nn.utils.clip_grad_norm_ on the loss gradient, then SGD's coupled weight decay.
-  direction, _ = optax.chain(
-      optax.clip_by_global_norm(clip_grad_norm) if clip_grad_norm else optax.identity(),
-      optax.add_decayed_weights(weight_decay),
-  ).update(grads, optax.EmptyState(), state.params)
+  # The loss gradient is clipped to norm <= clip_grad_norm first, and torch.optim.SGD's
+  # coupled weight decay added after, as in AWD-LSTM: d = clip(g) + weight_decay * theta.
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  clip_scale = jnp.minimum(1.0, clip_grad_norm / grad_norm) if clip_grad_norm else 1.0
   step_size = learning_rate * length / bptt
-  params = jax.tree.map(lambda p, d: p - step_size * d, state.params, direction)
+  params = jax.tree.map(lambda p, g: p - step_size * (clip_scale * g + weight_decay * p),
+                        state.params, grads)
 
   # ASGD with AWD-LSTM's t0=0, lambd=0: plain SGD plus a uniform average of the iterates.
   avg_count = state.avg_count + state.averaging.astype(jnp.int32)
@@ -312,7 +311,7 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
       "loss": loss,
       "nll": jnp.mean(nll),
       "mean_copy_loss": aux.copy_losses.mean(),
-      "grad_norm": optax.tree_utils.tree_l2_norm(grads),
+      "grad_norm": grad_norm,
   }
   new_state = state.replace(step=state.step + 1, params=params, avg_params=avg_params,
                             avg_count=avg_count, carry=jax.lax.stop_gradient(carry))
@@ -339,14 +338,34 @@ def evaluate_segments(params, segments, *, model, batch_size: int):
   return total, count
 
 
-def dynamic_segment_loss(model):
-  """The `segment_loss` of `maxup_jax.dynamic_eval`: mean token NLL, no dropout."""
+def dynamic_segment_loss(model, params, carry, segment):
+  """The `segment_loss` of `maxup_jax.dynamic_eval` (after binding `model`): mean token NLL."""
+  nll_sum, count, carry = segment_nll(model, params, carry, segment)
+  return nll_sum / count, (carry, nll_sum, count)
 
-  def loss(params, carry, segment):
-    nll_sum, count, carry = segment_nll(model, params, carry, segment)
-    return nll_sum / count, (carry, nll_sum, count)
 
-  return loss
+def dynamic_gradient_stats(params, carry, segments, *, model, decay: float):
+  return dynamic_eval.collect_gradient_stats(
+      functools.partial(dynamic_segment_loss, model), params, carry, segments, decay)
+
+
+def dynamic_evaluate(params, carry, segments, stats, *, model, learning_rate: float,
+                     decay: float, epsilon: float):
+  return dynamic_eval.evaluate(
+      functools.partial(dynamic_segment_loss, model), params, carry, segments, stats,
+      learning_rate=learning_rate, decay=decay, epsilon=epsilon)
+
+
+# Compiled once per process for each model and hyper-parameters (static
+# arguments), so runs that share them, e.g. a resumed run, reuse the compilation.
+_TRAIN_STEP_STATICS = ("model", "num_copies", "mode", "learning_rate", "bptt", "clip_grad_norm",
+                       "weight_decay", "activation_reg", "temporal_activation_reg")
+_train_step = jax.jit(train_step, static_argnames=_TRAIN_STEP_STATICS, donate_argnums=0)
+_apply_transition = jax.jit(apply_transition, donate_argnums=0)
+_evaluate_segments = jax.jit(evaluate_segments, static_argnames=("model", "batch_size"))
+_dynamic_gradient_stats = jax.jit(dynamic_gradient_stats, static_argnames=("model", "decay"))
+_dynamic_evaluate = jax.jit(dynamic_evaluate,
+                            static_argnames=("model", "learning_rate", "decay", "epsilon"))
 
 
 # ---------------------------------------------------------------------------
@@ -469,13 +488,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d (epoch %d, phase %d).", start_step, progress.epoch,
                  progress.phase)
 
-  step_fn = jax.jit(functools.partial(
-      train_step, model=model, num_copies=config.maxup.num_copies, mode=config.maxup.mode,
-      learning_rate=config.learning_rate, bptt=config.bptt,
-      clip_grad_norm=config.clip_grad_norm, weight_decay=config.weight_decay,
-      activation_reg=config.activation_reg,
-      temporal_activation_reg=config.temporal_activation_reg), donate_argnums=0)
-  transition_fn = jax.jit(apply_transition, donate_argnums=0)
+  step_fn = functools.partial(
+      _train_step, model=model, num_copies=config.maxup.num_copies, mode=config.maxup.mode,
+      learning_rate=float(config.learning_rate), bptt=config.bptt,
+      clip_grad_norm=float(config.clip_grad_norm), weight_decay=float(config.weight_decay),
+      activation_reg=float(config.activation_reg),
+      temporal_activation_reg=float(config.temporal_activation_reg))
   initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
                           out_shardings=state_shardings.carry)()
 
@@ -483,25 +501,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "valid": _stacked(corpus.valid, config.eval_batch_size, config.bptt, replicated),
       "test": _stacked(corpus.test, config.test_batch_size, config.bptt, replicated),
   }
-  eval_fns = {
-      split: jax.jit(functools.partial(evaluate_segments, model=model, batch_size=batch))
-      for split, batch in (("valid", config.eval_batch_size), ("test", config.test_batch_size))
-  }
+  eval_batch_sizes = {"valid": config.eval_batch_size, "test": config.test_batch_size}
 
   def evaluate(params, split):
-    total, count = jax.device_get(eval_fns[split](params, eval_sets[split]))
+    total, count = jax.device_get(_evaluate_segments(
+        params, eval_sets[split], model=model, batch_size=eval_batch_sizes[split]))
     loss = float(total / count)
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
 
-  def save(state, progress):
+  def save(step, state, progress):
     tree = {"state": state, "progress": _progress_tree(progress, history_size, replicated)}
-    checkpointing.save(manager, int(state.step), tree)
+    checkpointing.save(manager, step, tree)
 
   total_steps = sum(len(epoch_segments(config, stream_length, e)) for e in range(max_epochs))
   started = time.time()
   steady_start = tokens_since_steady = None
   window = _Window()
-  final_valid = None
+  step = start_step  # Counted on the host: reading state.step would wait for every step.
   with progress_lib.bar(total=total_steps, initial=start_step, desc="train") as bar:
     while not progress.finished:
       segments = epoch_segments(config, stream_length, progress.epoch)
@@ -510,9 +526,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         padded = text_data.padded_length(length, config.seq_len_bucket)
         batch = {k: _global_array(v, data_sharding)
                  for k, v in text_data.segment(train_streams, start, length, padded).items()}
-        step = int(state.step)
         state, metrics = step_fn(state, batch, jnp.int32(length),
                                  jax.random.fold_in(train_key, step))
+        step += 1
         if steady_start is None:
           # Throughput is measured from here on, after the first compilation.
           jax.block_until_ready(metrics)
@@ -521,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           tokens_since_steady += length * config.batch_size
         window.add(metrics, length, config.learning_rate * length / config.bptt,
                    config.batch_size)
-        done = step + 1
+        done = step
         progress = dataclasses.replace(progress, segment=index + 1)
         bar.update(1)
 
@@ -531,8 +547,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         num_copies=config.maxup.num_copies)
           writer.write(done, "train", record)
           bar.set_postfix(ppl=f"{record['perplexity']:.1f}", phase=progress.phase)
-        if done % config.checkpoint_every_steps == 0:
-          save(state, progress)
+        # The last step of an epoch is saved after its validation, below.
+        if done % config.checkpoint_every_steps == 0 and index + 1 < len(segments):
+          save(step, state, progress)
 
       # End of epoch: validate the weights NT-ASGD would keep, then decide.
       averaging = bool(state.averaging)
@@ -541,42 +558,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           progress, result["loss"], averaging=averaging, num_epochs=config.num_epochs,
           finetune_epochs=config.finetune.num_epochs,
           num_restarts=config.finetune.num_restarts, nonmono=config.nonmono)
-      state = transition_fn(state, transition.improved, transition.start_averaging,
+      state = _apply_transition(state, transition.improved, transition.start_averaging,
                             transition.restart, initial_carry)
-      writer.write(int(state.step), "valid", {
+      writer.write(step, "valid", {
           **result, "epoch": progress.epoch, "phase": progress.phase - int(transition.restart),
           "averaged": averaging, "best_perplexity": math.exp(progress.best_val_loss),
           "switched_to_asgd": transition.start_averaging, "restarted": transition.restart})
-      bar.write(f"epoch {progress.epoch} step {int(state.step)}: valid ppl "
+      bar.write(f"epoch {progress.epoch} step {step}: valid ppl "
                 f"{result['perplexity']:.2f} ({'averaged' if averaging else 'SGD'} weights)"
                 + (" -> ASGD" if transition.start_averaging else "")
                 + (f" -> fine-tuning {progress.phase}" if transition.restart else ""))
-      save(state, progress)
-    bar.total = int(state.step)
+      save(step, state, progress)
+    if window.steps:
+      writer.write(step, "train", {**window.flush(), "epoch": progress.epoch,
+                                   "phase": progress.phase,
+                                   "num_copies": config.maxup.num_copies})
+    bar.total = step  # Fine-tuning may have stopped early.
     bar.refresh()
+  training_seconds = time.time() - steady_start if steady_start is not None else None
 
   # Final scores of the best weights, as AWD-LSTM reloads its saved model.
   summary = {"num_params": param_count}
   final_valid = evaluate(state.best_params, "valid")
   final_test = evaluate(state.best_params, "test")
-  writer.write(int(state.step), "test", {**{f"valid_{k}": v for k, v in final_valid.items()},
+  writer.write(step, "test", {**{f"valid_{k}": v for k, v in final_valid.items()},
                                          **final_test})
   summary.update(valid_perplexity=final_valid["perplexity"],
                  test_perplexity=final_test["perplexity"])
   if config.dynamic_eval.enabled:
     dynamic = run_dynamic_eval(config, model, state.best_params, corpus, replicated)
-    writer.write(int(state.step), "dynamic_eval", dynamic)
+    writer.write(step, "dynamic_eval", dynamic)
     summary.update(dynamic_valid_perplexity=dynamic["valid_perplexity"],
                    dynamic_test_perplexity=dynamic["test_perplexity"])
   manager.wait_until_finished()
   manager.close()
-  steps_run = int(state.step) - start_step
+  steps_run = step - start_step
   summary.update(
-      steps=int(state.step), steps_this_run=steps_run, epochs=progress.epoch,
+      steps=step, steps_this_run=steps_run, epochs=progress.epoch,
       seconds=time.time() - started,
-      tokens_per_second=(tokens_since_steady / (time.time() - steady_start)
-                         if steps_run > 1 else None))
-  writer.write(int(state.step), "summary", {k: v for k, v in summary.items() if v is not None})
+      # Training steps after the first, epoch-end validation and checkpoints included.
+      tokens_per_second=(tokens_since_steady / training_seconds if steps_run > 1 else None))
+  writer.write(step, "summary", {k: v for k, v in summary.items() if v is not None})
   writer.close()
   return summary
 
@@ -589,21 +611,20 @@ def run_dynamic_eval(config, model, params, corpus: text_data.Corpus, sharding) 
   dropout, evaluation at batch size 1.
   """
   dyn = config.dynamic_eval
-  loss = dynamic_segment_loss(model)
   stats_segments = text_data.stacked_segments(
       text_data.batchify(corpus.train, dyn.stats_batch_size), dyn.seq_len)
   if dyn.stats_max_segments:
     stats_segments = {k: v[:dyn.stats_max_segments] for k, v in stats_segments.items()}
-  stats = jax.jit(functools.partial(dynamic_eval.collect_gradient_stats, loss, decay=dyn.decay))(
+  stats = _dynamic_gradient_stats(
       params, model.initial_carry(dyn.stats_batch_size),
-      jax.tree.map(lambda x: _global_array(x, sharding), stats_segments))
-  evaluate = jax.jit(functools.partial(
-      dynamic_eval.evaluate, loss, learning_rate=dyn.learning_rate, decay=dyn.decay,
-      epsilon=dyn.epsilon))
+      jax.tree.map(lambda x: _global_array(x, sharding), stats_segments), model=model,
+      decay=float(dyn.decay))
   result = {}
   for split in ("valid", "test"):
     segments = _stacked(corpus.split(split), 1, dyn.seq_len, sharding)
-    out = evaluate(params, model.initial_carry(1), segments, stats)
+    out = _dynamic_evaluate(params, model.initial_carry(1), segments, stats, model=model,
+                            learning_rate=float(dyn.learning_rate), decay=float(dyn.decay),
+                            epsilon=float(dyn.epsilon))
     nll = float(out.nll_sum / out.num_tokens)
     result[f"{split}_loss"] = nll
     result[f"{split}_perplexity"] = math.exp(nll)
