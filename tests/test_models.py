@@ -177,6 +177,55 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits(name):
   np.testing.assert_allclose(logits, float32_logits, rtol=0.1, atol=0.1)
 
 
+def _random_variables(model, x, seed=0):
+  """Variables with random weights and non-trivial BatchNorm running statistics.
+
+  Built from numpy values on the abstract shapes, so no initialiser is
+  compiled; random running means and variances, unlike the initial zeros and
+  ones, make eval-mode BatchNorm do real work.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if "kernel" in name:
+      # He scaling keeps the trunk's activations O(1); the classifier gets
+      # unit gain so the logits stay a few units.
+      gain = 1.0 if "classifier" in jax.tree_util.keystr(path) else 2.0
+      value = rng.standard_normal(leaf.shape) * np.sqrt(gain / np.prod(leaf.shape[:-1]))
+    elif "scale" in name or "var" in name:
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:  # biases and running means
+      value = 0.1 * rng.standard_normal(leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# XLA:CPU in jaxlib 0.12 turned the jitted eval-mode bfloat16 forward of every
+# BatchNorm model into all-NaN logits, while the eager and train-mode forwards
+# stayed finite (see `classifier_head`).
+@pytest.mark.parametrize("name", ["resnet8", "preact_resnet8", "wrn10_2"])
+def test_jitted_bfloat16_eval_forward_is_finite_and_matches(name):
+  model = create_model(name, num_classes=10, dtype=jnp.bfloat16)
+  x = _images((2, 32, 32, 3))
+  variables = _random_variables(model, x)
+
+  logits = _apply(model, variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  assert np.isfinite(logits).all()
+
+  float32_logits = _apply(model.clone(dtype=jnp.float32), variables, x, train=False)
+  scale = float(np.abs(float32_logits).max())
+  np.testing.assert_allclose(logits, float32_logits, rtol=0, atol=5e-2 * scale)
+
+  # Op-by-op execution and the fused program round to bfloat16 at different
+  # points, so they agree to a few bfloat16 ulps of the logits, not exactly.
+  eager_logits = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits, eager_logits, rtol=0, atol=2e-2 * scale)
+
+
 def test_remat_matches_plain_outputs_and_gradients():
   # Pre-activation blocks with dropout: the rematerialised forward pass must
   # also redraw the same dropout masks.

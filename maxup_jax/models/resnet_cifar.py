@@ -76,6 +76,15 @@ def classifier_head(x: Array, num_classes: int, dtype: Dtype) -> Array:
   Returns:
     `[B, num_classes]` float32 logits.
   """
+  if x.dtype != jnp.float32:
+    # XLA:CPU (jaxlib 0.12) fuses the pooling reduction with the convolution
+    # trunk that feeds it into one YNNPACK fusion, and that fusion returns
+    # NaN/inf when two convolutions in it are each followed by a bfloat16
+    # max/min against the same (CSE'd) constant, as ReLUs are; eval-mode
+    # BatchNorm is elementwise, so the whole trunk ends up in the fusion. The
+    # barrier keeps the reduction out of it; it costs no arithmetic, and
+    # float32 features, which that fusion handles correctly, skip it.
+    x = jax.lax.optimization_barrier(x)
   x = jnp.mean(x, axis=(1, 2))
   x = nn.Dense(
       num_classes,
