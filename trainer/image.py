@@ -28,6 +28,7 @@ from maxup_jax import losses
 from maxup_jax import models
 from maxup_jax.maxup import MODES, maxup_loss
 from trainer import checkpointing, input_pipeline
+from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 from trainer import preemption, progress
 
@@ -303,18 +304,6 @@ def eval_step(state: TrainState, batch, *, model, mean, std):
 # The loop.
 
 
-def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A one-axis ('data') mesh over every device, or over the first `num_devices`."""
-  devices = jax.devices()
-  if num_devices:
-    if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
-      raise ValueError(
-          f"num_devices={num_devices}; must be 0 (all) or in [1, {len(devices)}] in a "
-          "single-process run")
-    devices = devices[:num_devices]
-  return jax.sharding.Mesh(np.array(devices), ("data",))
-
-
 def initial_state(config, model, tx, image_shape, key, replicated) -> TrainState:
   def init():
     variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
@@ -340,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       `config.nonfinite == "skip"`); the message names the step and the
       newest checkpoint, which predates it.
   """
-  mesh = create_mesh(config.num_devices)
+  mesh = mesh_lib.create_mesh(config.num_devices)
   validate_config(config, mesh.size)
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -44,6 +44,7 @@ from maxup_jax import dynamic_eval
 from maxup_jax.maxup import MODES, maxup_loss
 from maxup_jax.models import awd_lstm
 from trainer import checkpointing, text_data
+from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 from trainer import progress as progress_lib
 
@@ -232,8 +233,9 @@ def apply_transition(state: TrainState, improved, start_averaging, restart,
                      initial_carry) -> TrainState:
   """The state after an epoch: new best weights, ASGD switch, fine-tuning restart.
 
-  Every field is computed (never forwarded), so no two fields of the result
-  share a buffer and the state can be donated to the next step.
+  Every parameter tree of the result is computed afresh (`jnp.where`), never
+  forwarded from another field, so no two fields share a buffer and the state
+  can be donated to the next step.
   """
   pick = lambda flag, a, b: jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
   best = pick(improved, state.avg_params, state.best_params)
@@ -372,18 +374,6 @@ _dynamic_evaluate = jax.jit(dynamic_evaluate,
 # The loop.
 
 
-def create_mesh(num_devices: int) -> jax.sharding.Mesh:
-  """A one-axis ('data') mesh over every device, or over the first `num_devices`."""
-  devices = jax.devices()
-  if num_devices:
-    if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
-      raise ValueError(
-          f"num_devices={num_devices}; must be 0 (all) or in [1, {len(devices)}] in a "
-          "single-process run")
-    devices = devices[:num_devices]
-  return jax.sharding.Mesh(np.array(devices), ("data",))
-
-
 def _global_array(host: np.ndarray, sharding) -> jax.Array:
   # Every process holds the whole (small) corpus and fills its own shards.
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -412,7 +402,7 @@ def _progress_from_tree(tree: dict) -> Progress:
 
 
 def epoch_segments(config, stream_length: int, epoch: int) -> np.ndarray:
-  """The `[N, 2]` (start, length) training segments of a global epoch: a function of (seed, epoch)."""
+  """The `[N, 2]` (start, length) segments of global epoch `epoch`, a function of (seed, epoch)."""
   rng = np.random.default_rng([config.seed, epoch])
   return text_data.bptt_segments(
       stream_length, rng, bptt=config.bptt, full_probability=config.bptt_full_probability,
@@ -442,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A summary dict: validation and test perplexity of the best weights (and
     after dynamic evaluation if enabled), steps, epochs, time, tokens/s.
   """
-  mesh = create_mesh(config.num_devices)
+  mesh = mesh_lib.create_mesh(config.num_devices)
   validate_config(config, mesh.size)
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,0 +1,194 @@
+"""Language-model training on the real PTB in ../shared/text/ptb: NT-ASGD, resume, scores."""
+
+import json
+from pathlib import Path
+
+import chex
+import pytest
+
+import trainer
+from configs import (ptb_awd_lstm, ptb_awd_lstm_maxup, ptb_small_lstm, shakespeare_char_lstm,
+                     wikitext2_awd_lstm, wikitext2_awd_lstm_maxup)
+from trainer import checkpointing, language, metrics, text_data
+
+PTB_DIR = Path(__file__).resolve().parents[2] / "shared" / "text" / "ptb"
+needs_ptb = pytest.mark.skipif(not PTB_DIR.is_dir(), reason=f"PTB not found in {PTB_DIR}")
+TRAIN_TOKENS, EVAL_TOKENS = 80_000, 5_000
+
+
+def quick_config(**overrides):
+  """The small PTB config shrunk to seconds: a 1-layer 64-unit LSTM on the first 80k tokens.
+
+  Fixed 20-token segments keep it to one compiled step; everything else
+  (MaxUp m=2, dropout, AR/TAR, NT-ASGD, dynamic evaluation) is as configured.
+  """
+  config = ptb_small_lstm.get_config()
+  config.data_dir = str(PTB_DIR)
+  config.model.embed_dim = config.model.hidden_dim = 64
+  config.model.num_layers = 1
+  config.num_train_tokens = TRAIN_TOKENS
+  config.num_eval_tokens = EVAL_TOKENS
+  config.batch_size = 8
+  config.bptt = 20
+  config.bptt_std = 0.0
+  config.bptt_full_probability = 1.0
+  config.seq_len_bucket = 20
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 250
+  config.dynamic_eval.stats_max_segments = 50
+  for name, value in overrides.items():
+    target = config
+    *parents, leaf = name.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def records(workdir, split):
+  return [r for r in metrics.read_metrics(workdir) if r["split"] == split]
+
+
+# ---------------------------------------------------------------------------
+# NT-ASGD bookkeeping.
+
+
+def test_nt_asgd_triggers_when_worse_than_the_best_before_the_last_nonmono():
+  history = (5.0, 4.0, 4.5, 4.6)
+  assert not language.nt_asgd_triggered(history[:2], 4.7, nonmono=2)  # Too few evaluations.
+  assert language.nt_asgd_triggered(history, 4.1, nonmono=2)  # 4.1 > min(5.0, 4.0).
+  assert not language.nt_asgd_triggered(history, 3.9, nonmono=2)
+
+
+def test_end_of_epoch_switches_to_asgd_then_restarts_then_stops():
+  kwargs = dict(num_epochs=5, finetune_epochs=10, num_restarts=1, nonmono=1)
+  progress = language.Progress()
+  progress, t = language.end_of_epoch(progress, 5.0, averaging=False, **kwargs)
+  assert t == language.Transition(improved=True, start_averaging=False, restart=False)
+  for loss in (4.0, 4.5):  # 4.5 is better than 5.0, the best before the last evaluation.
+    progress, t = language.end_of_epoch(progress, loss, averaging=False, **kwargs)
+    assert not t.start_averaging
+  progress, t = language.end_of_epoch(progress, 4.3, averaging=False, **kwargs)
+  assert t == language.Transition(improved=False, start_averaging=True, restart=False)
+  assert progress.history == (5.0, 4.0, 4.5, 4.3) and progress.best_val_loss == 4.0
+  # During ASGD the history no longer grows; the phase ends after num_epochs.
+  progress, t = language.end_of_epoch(progress, 3.0, averaging=True, **kwargs)
+  assert t == language.Transition(improved=True, start_averaging=False, restart=True)
+  assert (progress.phase, progress.phase_epochs, progress.history, progress.epoch) == (1, 0, (), 5)
+  # Fine-tuning ends on the non-monotone criterion; the best loss carries over.
+  for loss in (3.5, 3.2, 3.4):
+    progress, t = language.end_of_epoch(progress, loss, averaging=True, **kwargs)
+    assert not progress.finished
+  progress, t = language.end_of_epoch(progress, 3.6, averaging=True, **kwargs)
+  assert progress.finished and not t.restart and progress.best_val_loss == 3.0
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+@pytest.mark.parametrize("module, copies, restarts", [
+    (ptb_awd_lstm, 1, 1), (ptb_awd_lstm_maxup, 2, 2), (wikitext2_awd_lstm, 1, 1),
+    (wikitext2_awd_lstm_maxup, 2, 2), (ptb_small_lstm, 2, 0), (shakespeare_char_lstm, 2, 0),
+])
+def test_configs_are_valid(module, copies, restarts):
+  config = module.get_config()
+  language.validate_config(config, num_devices=1)
+  assert config.task == "language"
+  assert (config.maxup.num_copies, config.finetune.num_restarts) == (copies, restarts)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "ptb3"}, "dataset='ptb3'"),
+    ({"maxup.num_copies": 0}, "maxup.num_copies=0"),
+    ({"maxup.mode": "both"}, "maxup.mode='both'"),
+    ({"model.embed_dropout": 1.0}, "embed_dropout=1.0"),
+    ({"bptt_full_probability": 0.0}, "bptt_full_probability=0.0"),
+    ({"batch_size": 7, "num_devices": 2}, "not divisible by the 2 devices"),
+    ({"dynamic_eval.decay": 0.0}, "dynamic_eval.decay=0.0"),
+])
+def test_bad_configs_fail_before_anything_is_written(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.run(quick_config(**overrides), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_corpus_fails_clearly(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train.txt"):
+    trainer.run(quick_config(data_dir=str(tmp_path / "ptb")), str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------
+# Real runs.
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ptb_quick")
+  return workdir, trainer.run(quick_config(), str(workdir))
+
+
+@needs_ptb
+def test_short_run_beats_unigram_and_dynamic_eval_improves_it(short_run):
+  workdir, summary = short_run
+  # 500 steps of one pass over 80k tokens. The baseline is the unigram model
+  # of the whole training set (724 on these 5,000 validation tokens).
+  corpus = text_data.load_corpus("ptb", str(PTB_DIR))
+  unigram = text_data.unigram_perplexity(corpus.train, corpus.valid[:EVAL_TOKENS],
+                                         corpus.vocab_size)
+  assert summary["steps"] == 500
+  assert summary["valid_perplexity"] < 0.75 * unigram, (summary, unigram)
+  assert summary["dynamic_valid_perplexity"] < summary["valid_perplexity"]
+  assert summary["dynamic_test_perplexity"] < summary["test_perplexity"]
+
+  train = records(workdir, "train")
+  assert [r["step"] for r in train] == list(range(50, summary["steps"] + 1, 50))
+  assert all(r["num_copies"] == 2 and r["loss"] >= r["mean_copy_loss"] for r in train)
+  assert train[-1]["perplexity"] < train[0]["perplexity"]
+  (valid,) = records(workdir, "valid")
+  assert valid["perplexity"] == pytest.approx(summary["valid_perplexity"], rel=1e-5)
+  assert records(workdir, "summary")[0]["test_perplexity"] == summary["test_perplexity"]
+  assert json.loads((workdir / "config.json").read_text())["task"] == "language"
+  assert list((workdir / "tensorboard").iterdir())
+  assert int(checkpointing.load_arrays(str(workdir))["state"]["step"]) == summary["steps"]
+
+
+class Crash(Exception):
+  pass
+
+
+@needs_ptb
+def test_crash_and_resume_continues_exactly_through_asgd_and_fine_tuning(tmp_path, monkeypatch):
+  # 13 segments per epoch; 3 epochs of SGD / ASGD, then 2 of fine-tuning. Saves
+  # every 20 steps and after every epoch: 13, 20, 26, 39, 40, 52, 60, 65.
+  config = quick_config(num_train_tokens=2_000, num_epochs=3, nonmono=1,
+                        checkpoint_every_steps=20, **{"finetune.num_restarts": 1,
+                                                     "finetune.num_epochs": 2,
+                                                     "dynamic_eval.enabled": False})
+  reference = trainer.run(config, str(tmp_path / "reference"))
+  assert reference["epochs"] == 5 and reference["steps"] == 65
+
+  real_save, saves = checkpointing.save, []
+
+  def save_then_crash(manager, step, tree):
+    real_save(manager, step, tree)
+    saves.append(step)
+    if len(saves) == 7:  # Step 60, mid-way through the second epoch of fine-tuning.
+      manager.wait_until_finished()
+      raise Crash(step)
+
+  monkeypatch.setattr(checkpointing, "save", save_then_crash)
+  workdir = tmp_path / "crashed"
+  with pytest.raises(Crash):
+    trainer.run(config, str(workdir))
+  monkeypatch.setattr(checkpointing, "save", real_save)
+  resumed = trainer.run(config, str(workdir))
+  assert resumed["steps_this_run"] == 65 - saves[-1]
+  for key in ("valid_perplexity", "test_perplexity", "steps", "epochs"):
+    assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+  restored = checkpointing.load_arrays(str(workdir))
+  expected = checkpointing.load_arrays(str(tmp_path / "reference"))
+  chex.assert_trees_all_close(restored["state"], expected["state"], rtol=1e-6, atol=1e-7)
+  valid = records(workdir, "valid")
+  assert [r["phase"] for r in valid[-5:]] == [0, 0, 0, 1, 1]
+  assert valid[3]["averaged"]  # Fine-tuning evaluates the averaged weights.
