@@ -1,0 +1,120 @@
+"""Input pipeline throughput against the training step's consumption, on the real CIFAR-10.
+
+Measures, in one process, images/s of
+
+  pipeline:  tfds (array_record, decoded once into memory) -> shuffled batch
+             -> prefetch thread -> device array -> on-device augmentation
+             (crop + flip + normalise + Cutout, jitted, m copies), blocking on
+             the result: everything the training loop does except the step;
+  step:      the training step alone on a batch already on the device;
+  loop:      the training loop's own pattern: next batch from the prefetcher,
+             to_global_array, step; blocking only at the end.
+
+The pipeline is not the bottleneck when pipeline images/s are well above the
+step's (headroom = pipeline / step) and the loop runs as fast as the step
+alone.
+
+  python benchmarks/input_pipeline.py
+  python benchmarks/input_pipeline.py --model resnet20 --num_copies 4 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import jax  # noqa: E402
+
+from trainer import image, input_pipeline  # noqa: E402
+
+DATA_DIR = os.path.join(common.REPO, "..", "shared", "tfds")
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data_dir", default=DATA_DIR)
+  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--num_copies", type=int, default=4, help="m of the MaxUp step")
+  parser.add_argument("--pipeline_batches", type=int, default=100)
+  parser.add_argument("--steps", type=int, default=8, help="timed training steps")
+  return parser.parse_args(argv)
+
+
+def main(args):
+  start = time.perf_counter()
+  dataset = input_pipeline.load_dataset("cifar10", "train", args.data_dir)
+  load_seconds = time.perf_counter() - start
+  steps = common.Steps(args.model, args.batch_size)
+  augmentation = steps.augmentation
+  num_copies = args.num_copies
+
+  @jax.jit
+  def augment(batch, key):
+    images = image.to_unit_float(batch["image"])
+    keys = jax.random.split(key, num_copies * images.shape[0])
+    keys = keys.reshape(num_copies, images.shape[0])
+    return jax.vmap(lambda k: augmentation(k, images, batch["label"]))(keys)
+
+  common.print_environment(model=args.model, batch_size=args.batch_size,
+                           num_copies=num_copies, train_examples=dataset.num_examples,
+                           dataset_load_and_decode_s=round(load_seconds, 1))
+
+  def batches():
+    return input_pipeline.prefetch(input_pipeline.train_batches(dataset, args.batch_size, seed=0))
+
+  key = jax.random.key(0)
+  with batches() as source:
+    jax.block_until_ready(augment(input_pipeline.to_global_array(next(source),
+                                                                 steps.data_sharding), key))
+    start = time.perf_counter()
+    for i in range(args.pipeline_batches):
+      out = augment(input_pipeline.to_global_array(next(source), steps.data_sharding),
+                    jax.random.fold_in(key, i))
+      jax.block_until_ready(out)
+    pipeline_seconds = time.perf_counter() - start
+  pipeline_rate = args.pipeline_batches * args.batch_size / pipeline_seconds
+
+  rows = [["pipeline (read, batch, prefetch, to device, augment m copies)",
+           pipeline_rate, "-", "-"]]
+  for m in sorted({1, num_copies}):
+    step_fn = steps.train_step(m)
+    resident = common.StepRunner(steps, step_fn, steps.batch())
+    resident()  # Compiles.
+    step_times = []
+    loop_state = steps.initial_state()
+    with batches() as source:
+      loop_state, metrics = step_fn(
+          loop_state, input_pipeline.to_global_array(next(source), steps.data_sharding), key)
+      jax.block_until_ready(metrics)
+      # Interleave: one resident-batch step, then `steps` loop steps, alternately by halves.
+      loop_seconds = 0.0
+      for half in range(2):
+        for _ in range(args.steps // 2):
+          step_times.append(common.timed(resident))
+        start = time.perf_counter()
+        for i in range(args.steps // 2):
+          batch = input_pipeline.to_global_array(next(source), steps.data_sharding)
+          loop_state, metrics = step_fn(loop_state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(metrics)
+        loop_seconds += time.perf_counter() - start
+    step_rate = args.batch_size / common.median(step_times)
+    loop_rate = (args.steps // 2) * 2 * args.batch_size / loop_seconds
+    label = "standard" if m == 1 else f"MaxUp two-pass m={m}"
+    rows.append([f"{label} step, batch resident on device", step_rate,
+                 pipeline_rate / step_rate, "-"])
+    rows.append([f"{label} training loop (pipeline + step)", loop_rate, "-",
+                 loop_rate / step_rate])
+  print(f"# {args.model}, batch {args.batch_size}, real CIFAR-10 train split; "
+        f"loadavg after: {'%.2f %.2f %.2f' % os.getloadavg()}")
+  common.print_table(["what", "images/s", "pipeline headroom (pipeline / step)",
+                      "loop / step alone"], rows)
+
+
+if __name__ == "__main__":
+  main(parse_args())

@@ -1,0 +1,108 @@
+"""What XLA:CPU and JAX settings do to the training step: one subprocess per setting.
+
+XLA reads XLA_FLAGS once per process, so every setting runs in its own
+subprocess, which times the standard step and the MaxUp two-pass step
+(ResNet-20 by default) in interleaved rounds. The baseline runs first and
+last, so drift of the machine's load between subprocesses shows.
+
+  python benchmarks/xla_attempts.py                 # every attempt below
+  python benchmarks/xla_attempts.py --only baseline,onednn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# name -> (XLA_FLAGS, extra worker arguments)
+ATTEMPTS = {
+    "baseline": ("", []),
+    "no YNNPACK convolutions (Eigen)": (
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", []),
+    "YNNPACK also for eltwise+reduce": (
+        "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce", []),
+    "oneDNN": ("--xla_cpu_use_onednn=true", []),
+    "XNNPACK": ("--xla_cpu_use_xnnpack=true", []),
+    "fast math": ("--xla_cpu_enable_fast_math=true", []),
+    "single-threaded Eigen": ("--xla_cpu_multi_thread_eigen=false", []),
+    "no donation": ("", ["--no_donate"]),
+    "bfloat16 compute": ("", ["--dtype=bfloat16"]),
+    "baseline (again)": ("", []),
+}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--num_copies", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--only", default="", help="comma-separated names of ATTEMPTS keys "
+                      "(or their first word)")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+  parser.add_argument("--no_donate", action="store_true", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def worker(args):
+  """Times the two steps in this process; prints one JSON line."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import time
+
+  import common
+  steps = common.Steps(args.model, args.batch_size, dtype=args.dtype, donate=not args.no_donate)
+  batch = steps.batch()
+  runners = {}
+  compile_seconds = {}
+  for name, m in (("standard", 1), ("maxup", args.num_copies)):
+    runner = common.StepRunner(steps, steps.train_step(m), batch)
+    start = time.perf_counter()
+    runner()
+    compile_seconds[name] = time.perf_counter() - start
+    runners[name] = runner
+  times = common.interleaved_medians(runners, args.repeats, warmup=1)
+  print(json.dumps({"times": times, "first_call_seconds": compile_seconds,
+                    "loadavg": os.getloadavg()}))
+
+
+def main(args):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import common
+  wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+  names = [n for n in ATTEMPTS if not wanted or n in wanted or n.split()[0] in wanted]
+  common.print_environment(model=args.model, batch_size=args.batch_size,
+                           num_copies=args.num_copies, repeats=args.repeats)
+  rows = []
+  for name in names:
+    flags, extra = ATTEMPTS[name]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
+               "--batch_size", str(args.batch_size), "--num_copies", str(args.num_copies),
+               "--repeats", str(args.repeats)] + extra
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
+    if result.returncode or not lines:
+      error = (result.stderr.strip().splitlines() or ["?"])[-1]
+      rows.append([name, flags or " ".join(extra), "failed", error[:80], "", "", "", ""])
+      continue
+    out = json.loads(lines[-1])
+    standard, maxup = out["times"]["standard"], out["times"]["maxup"]
+    rows.append([name, flags or " ".join(extra) or "-",
+                 1000 * min(standard), 1000 * common.median(standard),
+                 1000 * min(maxup), 1000 * common.median(maxup),
+                 out["first_call_seconds"]["maxup"], "%.1f" % out["loadavg"][0]])
+    print(f"# done: {name}", flush=True)
+  common.print_table(
+      ["attempt", "setting", "standard ms (min)", "standard ms (median)",
+       f"MaxUp m={args.num_copies} ms (min)", f"MaxUp m={args.num_copies} ms (median)",
+       "MaxUp compile+first step s", "loadavg"], rows)
+
+
+if __name__ == "__main__":
+  ARGS = parse_args()
+  worker(ARGS) if ARGS.worker else main(ARGS)
