@@ -1,6 +1,7 @@
 """End-to-end tests of image training on the real CIFAR-10 in ../shared/tfds."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -317,3 +318,23 @@ def test_bfloat16_selection_with_float32_gradient_pass(tmp_path):
 def test_preset_device_count_is_checked(tmp_path):
   with pytest.raises(ValueError, match="expected_device_count=8 but the run has 4 devices"):
     image.train_and_evaluate(tiny_config(expected_device_count=8), str(tmp_path))
+
+
+def test_nonfinite_loss_stops_both_of_two_processes(tmp_path):
+  port = _free_port()
+  exploding = tiny_overrides(lr_schedule="piecewise", lr_decay_epochs="(1,)",
+                             lr_decay_factor=1e30)
+  procs = [
+      run_train_py(tmp_path, exploding,
+                   extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                   extra_args=["--coordinator_address", f"localhost:{port}",
+                               "--num_processes", "2", "--process_id", str(pid)])
+      for pid in range(2)
+  ]
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode != 0, out
+    assert re.search(r"NaN/inf at step (5|6); the newest checkpoint, step 4 in", out), out
+  restored = checkpointing.load_arrays(str(tmp_path))
+  assert int(restored["step"]) == 4
+  chex.assert_tree_all_finite(restored["params"])
