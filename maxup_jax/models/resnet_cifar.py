@@ -345,23 +345,36 @@ class PreActResNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """`x: [B, H, W, C]` normalised images -> `[B, num_classes]` float32 logits."""
-    blocks_per_stage = _check_stage_depth(self.depth, 2, "PreActResNet")
-    block_cls = maybe_remat(PreActBasicBlock, self.remat)
+    return _preact_network(
+        x, train, blocks_per_stage=_check_stage_depth(self.depth, 2, "PreActResNet"),
+        widen_factor=1, dropout_rate=0.0, num_classes=self.num_classes, dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name, remat=self.remat)
 
-    x = make_conv(self.dtype)(16, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
-    for stage, features in enumerate((16, 32, 64)):
-      for block in range(blocks_per_stage):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = block_cls(
-            features=features,
-            strides=strides,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            name=f"stage{stage + 1}_block{block + 1}",
-        )(x, train)
-    x = make_batch_norm(self.dtype, self.bn_axis_name, train)(name="final_bn")(x)
-    x = nn.relu(x)
-    return classifier_head(x, self.num_classes, self.dtype)
+
+def _preact_network(x: Array, train: bool, *, blocks_per_stage: int, widen_factor: int,
+                    dropout_rate: float, num_classes: int, dtype: Dtype,
+                    bn_axis_name: str | None, remat: bool) -> Array:
+  """The pre-activation CIFAR network shared by PreActResNet and WideResNet.
+
+  Stem conv (16), three stages of `blocks_per_stage` pre-activation blocks
+  with 16k, 32k, 64k channels, final BN -> ReLU, pool and classifier. Called
+  inside a compact `__call__`, so its layers belong to the calling module.
+  """
+  block_cls = maybe_remat(PreActBasicBlock, remat)
+  x = make_conv(dtype)(16, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
+  for stage, features in enumerate((16, 32, 64)):
+    for block in range(blocks_per_stage):
+      x = block_cls(
+          features=features * widen_factor,
+          strides=2 if stage > 0 and block == 0 else 1,
+          dropout_rate=dropout_rate,
+          dtype=dtype,
+          bn_axis_name=bn_axis_name,
+          name=f"stage{stage + 1}_block{block + 1}",
+      )(x, train)
+  x = make_batch_norm(dtype, bn_axis_name, train)(name="final_bn")(x)
+  x = nn.relu(x)
+  return classifier_head(x, num_classes, dtype)
 
 
 class WideResNet(nn.Module):
@@ -406,24 +419,11 @@ class WideResNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """`x: [B, H, W, C]` normalised images -> `[B, num_classes]` float32 logits."""
-    blocks_per_stage = _check_stage_depth(self.depth, 4, "WideResNet")
-    block_cls = maybe_remat(PreActBasicBlock, self.remat)
-
-    x = make_conv(self.dtype)(16, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
-    for stage, features in enumerate((16, 32, 64)):
-      for block in range(blocks_per_stage):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = block_cls(
-            features=features * self.widen_factor,
-            strides=strides,
-            dropout_rate=self.dropout_rate,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            name=f"stage{stage + 1}_block{block + 1}",
-        )(x, train)
-    x = make_batch_norm(self.dtype, self.bn_axis_name, train)(name="final_bn")(x)
-    x = nn.relu(x)
-    return classifier_head(x, self.num_classes, self.dtype)
+    return _preact_network(
+        x, train, blocks_per_stage=_check_stage_depth(self.depth, 4, "WideResNet"),
+        widen_factor=self.widen_factor, dropout_rate=self.dropout_rate,
+        num_classes=self.num_classes, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+        remat=self.remat)
 
 
 class SmallCNN(nn.Module):
