@@ -74,7 +74,7 @@ class Steps:
     self.donate = donate
 
   def initial_state(self) -> image.TrainState:
-    return image.initial_state(self.config, self.model, self.tx, IMAGE_SHAPE, self._init_key,
+    return image.initial_state(self.model, self.tx, IMAGE_SHAPE, self._init_key,
                                self.replicated)
 
   def batch(self, seed: int = 0) -> dict[str, jax.Array]:

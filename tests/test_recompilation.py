@@ -43,7 +43,7 @@ def small_setup(batch_size=16):
   key = jax.random.key(0)
   variables = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
   tx = image.make_optimizer(config, image.make_schedule(config, 10), variables)
-  state = image.initial_state(config, model, tx, (32, 32, 3), key, replicated)
+  state = image.initial_state(model, tx, (32, 32, 3), key, replicated)
   augmentation = image.make_augmentation(config, 10)
   return config, model, tx, augmentation, state, data_sharding
 

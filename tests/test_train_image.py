@@ -76,6 +76,38 @@ def tiny_overrides(**extra):
   return overrides
 
 
+def wait_until(condition, procs, timeout=240):
+  """Polls `condition()` while every process in `procs` is still running."""
+  deadline = time.time() + timeout
+  while not condition():
+    for proc in procs:
+      assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.02)
+
+
+def first_step_logged(workdir):
+  """True once a run has logged its first (compiled) training step."""
+  path = workdir / "metrics.jsonl"
+  return lambda: path.is_file() and "train" in path.read_text()
+
+
+def saved_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def run_two_processes(workdir, overrides):
+  """train.py as two processes on loopback, each with two CPU devices."""
+  port = _free_port()
+  return [
+      run_train_py(workdir, overrides,
+                   extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                   extra_args=["--coordinator_address", f"localhost:{port}",
+                               "--num_processes", "2", "--process_id", str(pid)])
+      for pid in range(2)
+  ]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """One uninterrupted single-device run that other tests compare against."""
@@ -117,15 +149,10 @@ def test_one_and_four_devices_follow_the_same_trajectory(reference_run, tmp_path
 def test_sigkill_then_restart_resumes_exactly(reference_run, tmp_path):
   overrides = tiny_overrides()
   proc = run_train_py(tmp_path, overrides)
-  checkpoints = tmp_path / "checkpoints"
-  deadline = time.time() + 240
-  while not (checkpoints / "2").is_dir():
-    assert proc.poll() is None, proc.stdout.read()
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.02)
+  wait_until(lambda: (tmp_path / "checkpoints" / "2").is_dir(), [proc])
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  saved = saved_steps(tmp_path)
   assert saved and saved[-1] < 8, f"the run finished before the kill: {saved}"
   last_saved = saved[-1]
 
@@ -173,14 +200,7 @@ def _free_port():
 
 
 def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
-  port = _free_port()
-  procs = [
-      run_train_py(tmp_path, tiny_overrides(),
-                   extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                   extra_args=["--coordinator_address", f"localhost:{port}",
-                               "--num_processes", "2", "--process_id", str(pid)])
-      for pid in range(2)
-  ]
+  procs = run_two_processes(tmp_path, tiny_overrides())
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out
@@ -211,27 +231,14 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     image.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
 
 
-def _wait_for_checkpoint(proc, checkpoints, step, timeout=240):
-  deadline = time.time() + timeout
-  while not (checkpoints / str(step)).is_dir():
-    assert proc.poll() is None, proc.stdout.read()
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.02)
-
-
 def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
   proc = run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100))
-  # The first (compile-heavy) step is done once its metrics are logged.
-  deadline = time.time() + 240
-  while not (tmp_path / "metrics.jsonl").is_file() or "train" not in (
-      tmp_path / "metrics.jsonl").read_text():
-    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-    time.sleep(0.02)
+  wait_until(first_step_logged(tmp_path), [proc])
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   assert "preempted: saved step" in out
-  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  saved = saved_steps(tmp_path)
   assert len(saved) == 1 and 1 <= saved[0] < 8, (saved, out)
 
   restart = run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100))
@@ -243,30 +250,17 @@ def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, tmp_path):
-  def start():
-    port = _free_port()
-    return [
-        run_train_py(tmp_path, tiny_overrides(checkpoint_every_steps=100),
-                     extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                     extra_args=["--coordinator_address", f"localhost:{port}",
-                                 "--num_processes", "2", "--process_id", str(pid)])
-        for pid in range(2)
-    ]
-
-  procs = start()
-  deadline = time.time() + 300
-  while not (tmp_path / "metrics.jsonl").is_file() or "train" not in (
-      tmp_path / "metrics.jsonl").read_text():
-    assert all(p.poll() is None for p in procs) and time.time() < deadline
-    time.sleep(0.02)
+  overrides = tiny_overrides(checkpoint_every_steps=100)
+  procs = run_two_processes(tmp_path, overrides)
+  wait_until(first_step_logged(tmp_path), procs, timeout=300)
   procs[1].send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=200)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs
-  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  saved = saved_steps(tmp_path)
   assert len(saved) == 1 and saved[0] < 8, (saved, outputs)
   assert "preempted: saved step" in outputs[0]
 
-  outputs = [p.communicate(timeout=300)[0] for p in start()]
+  outputs = [p.communicate(timeout=300)[0] for p in run_two_processes(tmp_path, overrides)]
   params, step = final_params(tmp_path)
   assert step == 8, outputs
   chex.assert_trees_all_close(params, final_params(reference_run[0])[0], rtol=1e-2, atol=1e-3)
@@ -321,16 +315,9 @@ def test_preset_device_count_is_checked(tmp_path):
 
 
 def test_nonfinite_loss_stops_both_of_two_processes(tmp_path):
-  port = _free_port()
   exploding = tiny_overrides(lr_schedule="piecewise", lr_decay_epochs="(1,)",
                              lr_decay_factor=1e30)
-  procs = [
-      run_train_py(tmp_path, exploding,
-                   extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                   extra_args=["--coordinator_address", f"localhost:{port}",
-                               "--num_processes", "2", "--process_id", str(pid)])
-      for pid in range(2)
-  ]
+  procs = run_two_processes(tmp_path, exploding)
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode != 0, out

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -304,7 +304,9 @@ def eval_step(state: TrainState, batch, *, model, mean, std):
 # The loop.
 
 
-def initial_state(config, model, tx, image_shape, key, replicated) -> TrainState:
+def initial_state(model, tx, image_shape, key, replicated) -> TrainState:
+  """Freshly initialised parameters, statistics and optimizer state, placed as `replicated`."""
+
   def init():
     variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
     params = variables["params"]
@@ -359,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract_variables = jax.eval_shape(
       lambda: model.init(init_key, jnp.zeros((1,) + train_data.image_shape), train=False))
   tx = make_optimizer(config, schedule, abstract_variables)
-  state = initial_state(config, model, tx, train_data.image_shape, init_key, replicated)
+  state = initial_state(model, tx, train_data.image_shape, init_key, replicated)
   if config.init_checkpoint:
     state = _load_pretrained(state, config.init_checkpoint, replicated)
 
