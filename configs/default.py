@@ -19,6 +19,9 @@ def get_config():
   config.data_dir = ""
   config.num_train_examples = 0  # > 0: train on the first N examples only.
   config.num_eval_examples = 0  # > 0: evaluate on the first N test examples only.
+  # > 0: at every evaluation also evaluate the first N training examples,
+  # un-augmented: loss, top-1 and the input-gradient norm ("train_clean").
+  config.train_eval_examples = 0
 
   config.model = "resnet110"
   config.dtype = "float32"  # Computation dtype; parameters stay float32.
@@ -56,14 +59,14 @@ def get_config():
   config.maxup = ml_collections.ConfigDict()
   config.maxup.num_copies = 4  # 1 = standard augmentation.
   config.maxup.mode = "two_pass"  # two_pass | single_pass
-  config.maxup.warmup_epochs = 5  # Standard augmentation first, as the paper does.
+  config.maxup.warmup_epochs = 5.0  # Standard augmentation first, as the paper does.
   # two_pass only: rank the copies with the model computing in this dtype
   # ("" = config.dtype); e.g. "bfloat16" selection for a float32 gradient pass.
   config.maxup.selection_dtype = ""
 
   config.seed = 0
   config.log_every_steps = 50
-  config.eval_every_epochs = 1
+  config.eval_every_epochs = 1.0
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.nonfinite = "stop"  # A NaN/inf loss: "stop" (naming the step) or "skip" the update.

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from configs import cifar_paper, hardware, imagenet_cutmix
+from configs import results_cifar10, results_mnist_gauss, results_ptb
 from trainer import image
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,6 +41,30 @@ def test_imagenet_config_is_the_paper_fine_tune():
 def test_bad_paper_config_arguments(arg):
   with pytest.raises(ValueError, match="valid|expected"):
     cifar_paper.get_config(arg)
+
+
+RESULTS_CONFIGS = [(results_cifar10, "1", ("2", "4", "10")), (results_mnist_gauss, "1", ("5",)),
+                   (results_ptb, "1", ("2",))]
+
+
+@pytest.mark.parametrize("module, baseline, maxup_args", RESULTS_CONFIGS)
+def test_results_configs_differ_only_in_the_number_of_copies(module, baseline, maxup_args):
+  reference = module.get_config(baseline).to_dict()
+  assert reference["maxup"]["num_copies"] == 1
+  for arg in maxup_args:
+    config = module.get_config(arg)
+    if config.task == "image":
+      image.validate_config(config, num_devices=1)
+    as_dict = config.to_dict()
+    assert as_dict["maxup"].pop("num_copies") == int(arg)
+    assert as_dict == {**reference, "maxup": {k: v for k, v in reference["maxup"].items()
+                                              if k != "num_copies"}}
+
+
+@pytest.mark.parametrize("module", [m for m, _, _ in RESULTS_CONFIGS])
+def test_results_configs_reject_other_copy_counts(module):
+  with pytest.raises(ValueError, match="M='3'; valid"):
+    module.get_config("3")
 
 
 def test_presets_scale_batch_and_learning_rate():

@@ -1,5 +1,6 @@
 """End-to-end tests of image training on the real CIFAR-10 in ../shared/tfds."""
 
+import functools
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10_resnet20
+from maxup_jax import losses, models
 from trainer import checkpointing, image, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +114,8 @@ def run_two_processes(workdir, overrides):
 def reference_run(tmp_path_factory):
   """One uninterrupted single-device run that other tests compare against."""
   workdir = tmp_path_factory.mktemp("reference")
-  summary = image.train_and_evaluate(tiny_config(num_devices=1), str(workdir))
+  summary = image.train_and_evaluate(
+      tiny_config(num_devices=1, train_eval_examples=128), str(workdir))
   return workdir, summary
 
 
@@ -128,9 +131,42 @@ def test_training_writes_metrics_checkpoints_and_summary(reference_run):
   for r in train[4:]:
     assert r["loss"] >= r["mean_copy_loss"] - 1e-6  # The worst copy is no better than the mean.
   assert [r["step"] for r in records if r["split"] == "test"] == [4, 8]
+  train_clean = [r for r in records if r["split"] == "train_clean"]
+  assert [r["step"] for r in train_clean] == [4, 8]
+  for r in train_clean:
+    assert 0.0 <= r["top1"] <= 1.0 and r["loss"] > 0.0 and r["input_grad_norm"] > 0.0
   assert (workdir / "config.json").is_file()
   assert list((workdir / "tensorboard").iterdir())
   assert final_params(workdir)[1] == 8
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_eval_step_input_gradient_norm_is_per_example(jit):
+  model = models.create_model("small_cnn", num_classes=10)
+  images = jax.random.randint(jax.random.key(0), (6, 28, 28, 1), 0, 256).astype(np.uint8)
+  labels = np.arange(6, dtype=np.int32) % 10
+  mask = np.array([True] * 4 + [False] * 2)  # The last two are eval padding.
+  params = model.init(jax.random.key(1), np.zeros((1, 28, 28, 1), np.float32),
+                      train=False)["params"]
+  state = image.TrainState(step=0, params=params, batch_stats={}, opt_state=None)
+  step = functools.partial(image.eval_step, model=model, mean=(0.13,), std=(0.31,),
+                           input_gradient=True)
+  step = jax.jit(step) if jit else step
+  sums = step(state, {"image": images, "label": labels, "mask": mask})
+
+  def one_loss(pixels, label):
+    logits = model.apply({"params": params}, (pixels[None] - 0.13) / 0.31, train=False)
+    return losses.softmax_cross_entropy(logits, label[None])[0]
+
+  pixels = images.astype(np.float32) / 255.0
+  grads = jax.vmap(jax.grad(one_loss))(pixels, labels)
+  norms = np.sqrt(np.sum(np.square(np.asarray(grads)), axis=(1, 2, 3)))
+  np.testing.assert_allclose(sums["input_grad_norm"], norms[:4].sum(), rtol=1e-4)
+  assert sums["count"] == 4
+  without = jax.jit(functools.partial(image.eval_step, model=model, mean=(0.13,), std=(0.31,)))(
+      state, {"image": images, "label": labels, "mask": mask})
+  assert "input_grad_norm" not in without
+  np.testing.assert_allclose(without["loss"], sums["loss"], rtol=1e-5)
 
 
 def test_one_and_four_devices_follow_the_same_trajectory(reference_run, tmp_path):
@@ -219,6 +255,7 @@ def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
     ({"maxup.num_copies": 0}, "maxup.num_copies=0"),
     ({"batch_size": 66}, "not divisible by the 4 devices"),
     ({"maxup.mode": "triple"}, "maxup.mode='triple'"),
+    ({"train_eval_examples": 512}, "train_eval_examples=512 exceeds the num_train_examples=256"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -118,6 +118,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     check(config.num_train_examples >= config.batch_size,
           f"num_train_examples={config.num_train_examples} is smaller than one batch "
           f"({config.batch_size})")
+  check(config.train_eval_examples >= 0,
+        f"train_eval_examples={config.train_eval_examples}; must be >= 0 (0 = off)")
+  if config.num_train_examples:
+    check(config.train_eval_examples <= config.num_train_examples,
+          f"train_eval_examples={config.train_eval_examples} exceeds the "
+          f"num_train_examples={config.num_train_examples} the run trains on")
   check(config.num_eval_examples >= 0,
         f"num_eval_examples={config.num_eval_examples}; must be >= 0 (0 = all)")
   check(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0
@@ -285,15 +291,35 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model, mean, std):
-  """Sums of loss and top-1/top-5 hits over the real (masked-in) examples of a batch."""
-  images = augment_lib.normalize(to_unit_float(batch["image"]), mean, std)
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                       train=False)
+def eval_step(state: TrainState, batch, *, model, mean, std, input_gradient: bool = False):
+  """Sums of loss and top-1/top-5 hits over the real (masked-in) examples of a batch.
+
+  With `input_gradient`, also `input_grad_norm`: the sum over examples of
+  ||d loss(f(x), y) / dx||_2 with x in [0, 1] pixel space, the quantity whose
+  sigma-multiple MaxUp with Gaussian noise adds to the loss (theorem 1 of the
+  paper). In eval mode every example's loss depends on its own image only, so
+  the gradient of the summed loss holds the per-example gradients.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
   mask = batch["mask"].astype(jnp.float32)
   labels = batch["label"]
+
+  def summed_loss(pixels):
+    logits = model.apply(variables, augment_lib.normalize(pixels, mean, std), train=False)
+    per_example = losses.softmax_cross_entropy(logits, labels)
+    return jnp.sum(per_example * mask), (per_example, logits)
+
+  pixels = to_unit_float(batch["image"])
+  sums = {}
+  if input_gradient:
+    (_, (per_example, logits)), grads = jax.value_and_grad(summed_loss, has_aux=True)(pixels)
+    per_example_norm = jnp.sqrt(jnp.sum(jnp.square(grads), axis=tuple(range(1, grads.ndim))))
+    sums["input_grad_norm"] = jnp.sum(per_example_norm * mask)
+  else:
+    _, (per_example, logits) = summed_loss(pixels)
   return {
-      "loss": jnp.sum(losses.softmax_cross_entropy(logits, labels) * mask),
+      **sums,
+      "loss": jnp.sum(per_example * mask),
       "top1": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
       "top5": jnp.sum(losses.topk_correct(logits, labels, min(5, logits.shape[-1])) * mask),
       "count": jnp.sum(mask),
@@ -342,6 +368,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_data = input_pipeline.load_dataset(
       config.dataset, EVAL_SPLITS.get(config.dataset, "test"), data_dir,
       num_examples=config.num_eval_examples or None)
+  # The same first examples every time, un-augmented: how well the run fits
+  # what it trains on, and how steep its loss is there.
+  train_eval_data = None
+  if config.train_eval_examples:
+    train_eval_data = input_pipeline.load_dataset(
+        config.dataset, "train", data_dir, num_examples=config.train_eval_examples)
   steps_per_epoch = input_pipeline.steps_per_epoch(train_data.num_examples, config.batch_size)
   total_steps = int(config.num_epochs * steps_per_epoch)
   warmup_steps = int(config.maxup.warmup_epochs * steps_per_epoch)
@@ -384,16 +416,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for m in {1, config.maxup.num_copies}
   }
   mean, std = DATASET_STATS[config.dataset]
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std))
+  eval_fns = {
+      gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
+                                          input_gradient=gradient))
+      for gradient in (False, True)
+  }
 
-  def evaluate(state):
+  def evaluate(state, data, input_gradient=False):
     sums = None
-    for batch in input_pipeline.eval_batches(test_data, config.eval_batch_size):
-      out = eval_fn(state, input_pipeline.to_global_array(batch, data_sharding))
+    for batch in input_pipeline.eval_batches(data, config.eval_batch_size):
+      out = eval_fns[input_gradient](state, input_pipeline.to_global_array(batch, data_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
-    return {"loss": sums["loss"] / sums["count"], "top1": sums["top1"] / sums["count"],
-            "top5": sums["top5"] / sums["count"]}
+    count = sums.pop("count")
+    return {name: total / count for name, total in sums.items()}
 
   def check_finite(window):
     bad_step = window.first_nonfinite_step()
@@ -438,9 +474,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
 
       if done % eval_every == 0 or done == total_steps:
-        final = evaluate(state)
+        final = evaluate(state, test_data)
         best_top1 = max(best_top1, final["top1"])
         writer.write(done, "test", {**final, "epoch": done / steps_per_epoch})
+        if train_eval_data is not None:
+          writer.write(done, "train_clean", {
+              **evaluate(state, train_eval_data, input_gradient=True),
+              "epoch": done / steps_per_epoch})
         bar.write(f"step {done} epoch {done / steps_per_epoch:.2f}: test top-1 "
                   f"{final['top1']:.4f} top-5 {final['top5']:.4f} loss {final['loss']:.4f}")
       if done % config.checkpoint_every_steps == 0 or done == total_steps or preempted:
@@ -451,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
 
   if not final:  # Resumed a finished run, or preempted before any evaluation.
-    final = evaluate(state)
+    final = evaluate(state, test_data)
     best_top1 = max(best_top1, final["top1"])
   manager.wait_until_finished()
   manager.close()
