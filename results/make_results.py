@@ -1,0 +1,402 @@
+"""Builds RESULTS.md's tables and figures from the experiment logs in results/logs.
+
+  python results/make_results.py                          # tables and figures from results/logs
+  python results/make_results.py --collect runs/results   # first copy in the finished runs' logs
+  python results/make_results.py --results_md /tmp/R.md --figures /tmp/fig   # elsewhere
+
+`results/run.sh` writes one directory per run under runs/results/EXPERIMENT/.
+`--collect` copies what the tables need from each finished run (metrics.jsonl,
+config.json, the training log without its progress bar, certification TSVs)
+to results/logs/EXPERIMENT/RUN; checkpoints stay behind. The tables replace
+the text between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in
+RESULTS.md; the figures go to results/figures. Every number is a mean +- the
+sample standard deviation over the seeds found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from trainer import certification  # noqa: E402
+
+LOGS = REPO / "results" / "logs"
+FIGURES = REPO / "results" / "figures"
+RESULTS_MD = REPO / "RESULTS.md"
+CERTIFIED_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+SIGMA = 0.5
+
+# (run-name prefix, label, config argument) per experiment, in table order.
+CIFAR_RUNS = (("m1", "Cutout (m=1)", "1"), ("m2", "MaxUp+Cutout, m=2", "2"),
+              ("m4", "MaxUp+Cutout, m=4", "4"), ("m10", "MaxUp+Cutout, m=10", "10"),
+              ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
+MNIST_RUNS = (("m1", "Gaussian augmentation (m=1)", "1"), ("m5", "MaxUp+Gauss, m=5", "5"),
+              ("m1_equal_time", "Gaussian aug., MaxUp's wall-clock time", "1"))
+PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
+            ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
+CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
+                "ptb": "configs/results_ptb.py"}
+
+
+# ---------------------------------------------------------------------------
+# Logs.
+
+
+def collect(runs_dir: Path) -> None:
+  """Copies the logs of every finished run under runs_dir into results/logs."""
+  for metrics_path in sorted(runs_dir.glob("*/*/metrics.jsonl")):
+    run = metrics_path.parent
+    if '"split": "summary"' not in metrics_path.read_text():
+      print(f"skipped (unfinished): {run}")
+      continue
+    target = LOGS / run.parent.name / run.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "config.json"):
+      shutil.copy(run / name, target / name)
+    if (run / "train.log").is_file():
+      # A progress bar rewrites its line with carriage returns: keep each line's final state.
+      lines = (line.split("\r")[-1] for line in (run / "train.log").read_text().splitlines())
+      (target / "train.log").write_text("\n".join(line for line in lines if line.strip()) + "\n")
+    for tsv in sorted((run / "certify").glob("*.tsv")):
+      (target / "certify").mkdir(exist_ok=True)
+      shutil.copy(tsv, target / "certify" / tsv.name)
+    print(f"collected: {run} -> {target.relative_to(REPO)}")
+
+
+def read_records(run: Path) -> list[dict]:
+  return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def seed_runs(experiment: str, prefix: str) -> list[Path]:
+  """The runs PREFIX_seedN of an experiment, by seed."""
+  pattern = re.compile(rf"{re.escape(prefix)}_seed(\d+)")
+  runs = [p for p in (LOGS / experiment).glob(f"{prefix}_seed*") if pattern.fullmatch(p.name)]
+  return sorted(runs, key=lambda p: int(pattern.fullmatch(p.name).group(1)))
+
+
+def seed_of(run: Path) -> int:
+  return int(run.name.rsplit("seed", 1)[1])
+
+
+def summary(run: Path) -> dict:
+  return [r for r in read_records(run) if r["split"] == "summary"][-1]
+
+
+def config_of(run: Path) -> dict:
+  return json.loads((run / "config.json").read_text())
+
+
+def series(run: Path, split: str, key: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray]:
+  records = [r for r in read_records(run) if r["split"] == split and key in r]
+  return np.array([r[x] for r in records], float), np.array([r[key] for r in records], float)
+
+
+# ---------------------------------------------------------------------------
+# Formatting.
+
+
+def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
+  values = np.asarray(values, float) * scale
+  if len(values) == 0:
+    return "-"
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def command(experiment: str, prefix: str, arg: str, run: Path) -> str:
+  config = config_of(run)
+  extra = ""
+  if prefix.endswith("equal_time"):
+    extra = f" --config.num_epochs={config['num_epochs']}"
+  return (f"python train.py --config {CONFIG_FILES[experiment]}:{arg} --config.seed=$SEED{extra} "
+          f"--workdir runs/results/{experiment}/{prefix}_seed$SEED")
+
+
+def commands_block(experiment: str, specs) -> str:
+  lines, seeds = [], set()
+  for prefix, _, arg in specs:
+    runs = seed_runs(experiment, prefix)
+    if runs:
+      seeds.update(seed_of(r) for r in runs)
+      lines.append("  " + command(experiment, prefix, arg, runs[0]))
+  header = f"for SEED in {' '.join(str(s) for s in sorted(seeds))}; do"
+  return "```bash\n" + "\n".join([header] + lines + ["done"]) + "\n```"
+
+
+def minutes(runs) -> str:
+  return mean_std([summary(r)["seconds"] / 60 for r in runs], digits=1)
+
+
+def forward_passes(num_copies: int) -> str:
+  # Two-pass MaxUp: m forward passes without gradient to rank the copies, one with.
+  return "1 fwd+bwd" if num_copies == 1 else f"{num_copies} fwd + 1 fwd+bwd"
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+
+
+def cifar_table() -> str:
+  rows = []
+  for prefix, label, _ in CIFAR_RUNS:
+    runs = seed_runs("cifar10", prefix)
+    if not runs:
+      continue
+    config = config_of(runs[0])
+    final_train = [series(r, "train_clean", "top1")[1][-1] for r in runs]
+    final_test = [summary(r)["final_top1"] for r in runs]
+    rows.append([
+        label, str(len(runs)), str(config["num_epochs"]),
+        forward_passes(config["maxup"]["num_copies"]),
+        mean_std(final_test, 100), mean_std([summary(r)["best_top1"] for r in runs], 100),
+        mean_std(final_train, 100),
+        mean_std(np.subtract(final_train, final_test), 100), minutes(runs)])
+  header = ["method", "seeds", "epochs", "passes per example and step (after warm-up)",
+            "test top-1 % (final)", "test top-1 % (best of 5-epoch evals)",
+            "train top-1 % (clean, final)", "train - test gap (points)", "wall time (min)"]
+  return markdown_table(header, rows) + "\n\n" + commands_block("cifar10", CIFAR_RUNS)
+
+
+def cifar_ablation_table() -> str:
+  rows = []
+  for prefix, label, arg in CIFAR_RUNS[:4]:
+    runs = seed_runs("cifar10", prefix)
+    if not runs:
+      continue
+    rows.append([arg, str(len(runs)), mean_std([summary(r)["final_top1"] for r in runs], 100),
+                 mean_std([series(r, "train_clean", "top1")[1][-1] for r in runs], 100),
+                 mean_std([series(r, "train", "loss", x="step")[1][-1] for r in runs], digits=3),
+                 mean_std([summary(r)["images_per_second"] for r in runs], digits=0),
+                 minutes(runs)])
+  header = ["m", "seeds", "test top-1 %", "train top-1 % (clean)",
+            "training loss (worst copy, last 16 steps)", "images/s", "wall time (min)"]
+  return markdown_table(header, rows)
+
+
+def ptb_table() -> str:
+  rows = []
+  for prefix, label, _ in PTB_RUNS:
+    runs = seed_runs("ptb", prefix)
+    if not runs:
+      continue
+    config = config_of(runs[0])
+    best_valid = [min(series(r, "valid", "perplexity")[1]) for r in runs]
+    rows.append([
+        label, str(len(runs)), str(config["num_epochs"]),
+        forward_passes(config["maxup"]["num_copies"]),
+        mean_std([summary(r)["valid_perplexity"] for r in runs], digits=1),
+        mean_std([summary(r)["test_perplexity"] for r in runs], digits=1),
+        mean_std(best_valid, digits=1),
+        mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
+        minutes(runs)])
+  header = ["method", "seeds", "epochs", "passes per stream and step",
+            "valid ppl (best weights)", "test ppl (best weights)", "best epoch's valid ppl",
+            "train ppl (with dropout, last log)", "wall time (min)"]
+  return markdown_table(header, rows) + "\n\n" + commands_block("ptb", PTB_RUNS)
+
+
+def certification_logs(prefix: str):
+  logs = []
+  for run in seed_runs("mnist_gauss", prefix):
+    path = run / "certify" / f"certify_sigma{SIGMA}.tsv"
+    if path.is_file():
+      logs.append(certification.read_log(path))
+  return logs
+
+
+def certified_table() -> str:
+  rows = []
+  for prefix, label, _ in MNIST_RUNS[:2]:
+    logs = certification_logs(prefix)
+    if not logs:
+      continue
+    accuracy = np.array([certification.accuracy_table(log, CERTIFIED_RADII) for log in logs])
+    runs = seed_runs("mnist_gauss", prefix)
+    rows.append([label, str(len(logs)), str(len(logs[0].idx)),
+                 mean_std([summary(r)["final_top1"] for r in runs], 100)]
+                + [mean_std(accuracy[:, i], 100, digits=1) for i in range(len(CERTIFIED_RADII))]
+                + [mean_std([log.time.sum() / 60 for log in logs], digits=1)])
+  header = (["method", "seeds", "images", "clean test top-1 % (base classifier)"]
+            + [f"r={r:g}" for r in CERTIFIED_RADII] + ["certification time (min)"])
+  return markdown_table(header, rows)
+
+
+def mnist_training_table() -> str:
+  rows = []
+  for prefix, label, _ in MNIST_RUNS:
+    runs = seed_runs("mnist_gauss", prefix)
+    if not runs:
+      continue
+    config = config_of(runs[0])
+    grad = [series(r, "train_clean", "input_grad_norm")[1] for r in runs]
+    rows.append([
+        label, str(len(runs)), str(config["num_epochs"]),
+        forward_passes(config["maxup"]["num_copies"]),
+        mean_std([g[len(g) // 2 - 1] for g in grad], digits=3),
+        mean_std([g[-1] for g in grad], digits=3),
+        mean_std([series(r, "train_clean", "loss")[1][-1] for r in runs], digits=4),
+        mean_std([summary(r)["final_top1"] for r in runs], 100), minutes(runs)])
+  header = ["method", "seeds", "epochs", "passes per example and step",
+            "input-gradient norm, clean train (mid-run)", "input-gradient norm (final)",
+            "clean train loss (final)", "clean test top-1 %", "wall time (min)"]
+  return markdown_table(header, rows) + "\n\n" + commands_block("mnist_gauss", MNIST_RUNS)
+
+
+# ---------------------------------------------------------------------------
+# Figures.
+
+
+def _band(ax, runs, split, key, label, scale=1.0, x="epoch"):
+  curves = [series(r, split, key, x) for r in runs]
+  length = min(len(c[0]) for c in curves)
+  xs = curves[0][0][:length]
+  ys = np.array([c[1][:length] for c in curves]) * scale
+  line, = ax.plot(xs, ys.mean(0), label=f"{label} ({len(runs)} seeds)")
+  if len(runs) > 1:
+    ax.fill_between(xs, ys.mean(0) - ys.std(0, ddof=1), ys.mean(0) + ys.std(0, ddof=1),
+                    color=line.get_color(), alpha=0.2)
+
+
+def cifar_figures(out: Path) -> list[Path]:
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for prefix, label, _ in CIFAR_RUNS:
+    runs = seed_runs("cifar10", prefix)
+    if runs:
+      _band(axes[0], runs, "test", "top1", label, 100)
+      _band(axes[1], runs, "train_clean", "top1", label, 100)
+  axes[0].set(xlabel="epoch", ylabel="test top-1 % (10,000 images)", title="CIFAR-10 test")
+  axes[1].set(xlabel="epoch", ylabel="train top-1 % (2,048 images, un-augmented)",
+              title="CIFAR-10 training set, clean")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  curves = _save(fig, out / "cifar10_curves.png")
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ms, means, stds = [], [], []
+  for prefix, _, arg in CIFAR_RUNS[:4]:
+    runs = seed_runs("cifar10", prefix)
+    if runs:
+      top1 = np.array([summary(r)["final_top1"] for r in runs]) * 100
+      ms.append(int(arg)), means.append(top1.mean())
+      stds.append(top1.std(ddof=1) if len(top1) > 1 else 0.0)
+  ax.errorbar(ms, means, yerr=stds, marker="o", capsize=4)
+  ax.set(xscale="log", xticks=ms, xticklabels=[str(m) for m in ms], xlabel="m (copies)",
+         ylabel="test top-1 %", title="CIFAR-10, ResNet-8: m ablation")
+  ax.grid(alpha=0.3)
+  return [curves, _save(fig, out / "cifar10_m_ablation.png")]
+
+
+def ptb_figure(out: Path) -> Path:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for prefix, label, _ in PTB_RUNS:
+    runs = seed_runs("ptb", prefix)
+    if runs:
+      _band(ax, runs, "valid", "perplexity", label)
+  ax.set(xlabel="epoch", ylabel="validation perplexity", title="PTB, 2x200 LSTM, 100k tokens")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out / "ptb_valid_perplexity.png")
+
+
+def mnist_figures(out: Path) -> list[Path]:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  radii = np.linspace(0, 2.0, 201)
+  for prefix, label, _ in MNIST_RUNS[:2]:
+    logs = certification_logs(prefix)
+    if not logs:
+      continue
+    curves = np.array([certification.accuracy_table(log, radii) for log in logs]) * 100
+    line, = ax.plot(radii, curves.mean(0), label=f"{label} ({len(logs)} seeds)")
+    if len(logs) > 1:
+      std = curves.std(0, ddof=1)
+      ax.fill_between(radii, curves.mean(0) - std, curves.mean(0) + std, color=line.get_color(),
+                      alpha=0.2)
+  ax.set(xlabel="radius (L2, [0, 1] pixels)", ylabel="certified accuracy %",
+         title=f"MNIST, sigma={SIGMA}, n=10,000, 500 test images")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  certified = _save(fig, out / "mnist_certified_accuracy.png")
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for prefix, label, _ in MNIST_RUNS:
+    runs = seed_runs("mnist_gauss", prefix)
+    if runs:
+      _band(axes[0], runs, "train_clean", "input_grad_norm", label)
+      _band(axes[1], runs, "train_clean", "loss", label)
+  axes[0].set(xlabel="epoch", ylabel="mean ||d loss / d x||_2", yscale="log",
+              title="input-gradient norm, 2,048 clean training images")
+  axes[1].set(xlabel="epoch", ylabel="cross-entropy", yscale="log",
+              title="loss, same clean training images")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  return [certified, _save(fig, out / "mnist_input_gradient_norm.png")]
+
+
+def _save(fig, path: Path) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ---------------------------------------------------------------------------
+
+
+TABLES = {
+    "cifar10": cifar_table,
+    "cifar10_m": cifar_ablation_table,
+    "ptb": ptb_table,
+    "mnist_certified": certified_table,
+    "mnist_gradient": mnist_training_table,
+}
+
+
+def fill_tables(markdown: str, tables: dict[str, str]) -> str:
+  for name, table in tables.items():
+    pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+    if not pattern.search(markdown):
+      raise ValueError(f"the markdown file has no <!-- table:{name} --> ... <!-- /table:{name} --> block")
+    markdown = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), markdown)
+  return markdown
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--collect", type=Path, help="copy finished runs' logs from this directory")
+  parser.add_argument("--results_md", type=Path, default=RESULTS_MD,
+                      help="the markdown file whose table blocks are rewritten")
+  parser.add_argument("--figures", type=Path, default=FIGURES, help="where the PNGs go")
+  args = parser.parse_args()
+  if args.collect:
+    collect(args.collect)
+  tables = {name: make() for name, make in TABLES.items()}
+  args.results_md.write_text(fill_tables(args.results_md.read_text(), tables))
+  print(f"tables written into {args.results_md}")
+  for path in cifar_figures(args.figures) + [ptb_figure(args.figures)] + mnist_figures(args.figures):
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+  main()
