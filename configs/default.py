@@ -31,13 +31,13 @@ def get_config():
   config.expected_device_count = 0  # > 0: fail unless the run sees exactly this many devices.
   config.batch_size = 256  # Global, over all devices and processes.
   config.eval_batch_size = 500
-  config.num_epochs = 200
+  config.num_epochs = 200.0
 
   config.learning_rate = 0.1
   config.lr_schedule = "piecewise"  # piecewise | cosine | constant
   config.lr_decay_epochs = (100, 150)
   config.lr_decay_factor = 0.1
-  config.lr_warmup_epochs = 0
+  config.lr_warmup_epochs = 0.0
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 2.5e-4

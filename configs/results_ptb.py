@@ -1,9 +1,9 @@
-"""RESULTS.md experiment 2: the small LSTM on 100,000 PTB tokens, embedding dropout vs MaxUp.
+"""RESULTS.md experiment 2: the small LSTM on 50,000 PTB tokens, embedding dropout vs MaxUp.
 
   --config configs/results_ptb.py:M    M = 1 (embedding dropout) | 2 (MaxUp, the paper's m)
 
 `ptb_small_lstm.py` (2 x 200 LSTM, tied 200-d embeddings, 32 streams, ~35
-token segments, light dropout) trained for 6 epochs on the first 100,000
+token segments, light dropout) trained for 6 epochs on the first 50,000
 training tokens, so that it overfits and regularisation matters. Validation
 every epoch and the final test use the full PTB validation and test sets
 (test at batch size 10 rather than 1, for time; both methods alike). No
@@ -24,7 +24,7 @@ def get_config(arg: str = "2"):
   if num_copies not in NUM_COPIES:
     raise ValueError(f"M={arg!r}; valid: {list(NUM_COPIES)} (1 = embedding dropout only)")
   config = ptb_small_lstm.get_config()
-  config.num_train_tokens = 100_000
+  config.num_train_tokens = 50_000
   config.num_epochs = 6
   config.test_batch_size = 10
   config.dynamic_eval.enabled = False

@@ -126,7 +126,7 @@ def command(experiment: str, prefix: str, arg: str, run: Path) -> str:
   config = config_of(run)
   extra = ""
   if prefix.endswith("equal_time"):
-    extra = f" --config.num_epochs={config['num_epochs']}"
+    extra = f" --config.num_epochs={config['num_epochs']:g}"
   return (f"python train.py --config {CONFIG_FILES[experiment]}:{arg} --config.seed=$SEED{extra} "
           f"--workdir runs/results/{experiment}/{prefix}_seed$SEED")
 
@@ -165,7 +165,7 @@ def cifar_table() -> str:
     final_train = [series(r, "train_clean", "top1")[1][-1] for r in runs]
     final_test = [summary(r)["final_top1"] for r in runs]
     rows.append([
-        label, str(len(runs)), str(config["num_epochs"]),
+        label, str(len(runs)), f"{config['num_epochs']:g}",
         forward_passes(config["maxup"]["num_copies"]),
         mean_std(final_test, 100), mean_std([summary(r)["best_top1"] for r in runs], 100),
         mean_std(final_train, 100),
@@ -201,7 +201,7 @@ def ptb_table() -> str:
     config = config_of(runs[0])
     best_valid = [min(series(r, "valid", "perplexity")[1]) for r in runs]
     rows.append([
-        label, str(len(runs)), str(config["num_epochs"]),
+        label, str(len(runs)), f"{config['num_epochs']:g}",
         forward_passes(config["maxup"]["num_copies"]),
         mean_std([summary(r)["valid_perplexity"] for r in runs], digits=1),
         mean_std([summary(r)["test_perplexity"] for r in runs], digits=1),
@@ -249,7 +249,7 @@ def mnist_training_table() -> str:
     config = config_of(runs[0])
     grad = [series(r, "train_clean", "input_grad_norm")[1] for r in runs]
     rows.append([
-        label, str(len(runs)), str(config["num_epochs"]),
+        label, str(len(runs)), f"{config['num_epochs']:g}",
         forward_passes(config["maxup"]["num_copies"]),
         mean_std([g[len(g) // 2 - 1] for g in grad], digits=3),
         mean_std([g[-1] for g in grad], digits=3),
@@ -312,7 +312,7 @@ def ptb_figure(out: Path) -> Path:
     runs = seed_runs("ptb", prefix)
     if runs:
       _band(ax, runs, "valid", "perplexity", label)
-  ax.set(xlabel="epoch", ylabel="validation perplexity", title="PTB, 2x200 LSTM, 100k tokens")
+  ax.set(xlabel="epoch", ylabel="validation perplexity", title="PTB, 2x200 LSTM, 50k training tokens")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, out / "ptb_valid_perplexity.png")

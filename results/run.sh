@@ -28,15 +28,16 @@ train() {  # train WORKDIR CONFIG [--config.X=Y ...]
 }
 
 # Epochs that give the baseline the wall-clock time MaxUp took: the base
-# epochs scaled by the seconds of the seed-0 MaxUp run over the seed-0 baseline.
-equal_time_epochs() {  # equal_time_epochs BASELINE_DIR MAXUP_DIR EPOCHS
+# epochs scaled by the seconds of the seed-0 MaxUp run over the seed-0
+# baseline, rounded to a multiple of UNIT epochs.
+equal_time_epochs() {  # equal_time_epochs BASELINE_DIR MAXUP_DIR EPOCHS UNIT
   "$PYTHON" - "$@" <<'PY'
 import json, sys
 def seconds(workdir):
   lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
   return [l for l in lines if l["split"] == "summary"][-1]["seconds"]
-baseline, maxup, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-print(round(epochs * seconds(maxup) / seconds(baseline)))
+baseline, maxup, epochs, unit = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+print(f"{round(epochs * seconds(maxup) / seconds(baseline) / unit) * unit:g}")
 PY
 }
 
@@ -47,7 +48,7 @@ cifar10() {
       train "$dir/m${m}_seed$seed" "configs/results_cifar10.py:$m" --config.seed="$seed"
     done
     local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m4_seed0" 30)
+    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m4_seed0" 30 1)
     train "$dir/m1_equal_time_seed$seed" configs/results_cifar10.py:1 --config.seed="$seed" \
       --config.num_epochs="$epochs"
   done
@@ -60,7 +61,7 @@ mnist() {
       train "$dir/m${m}_seed$seed" "configs/results_mnist_gauss.py:$m" --config.seed="$seed"
     done
     local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m5_seed0" 2)
+    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m5_seed0" 2 0.5)
     train "$dir/m1_equal_time_seed$seed" configs/results_mnist_gauss.py:1 --config.seed="$seed" \
       --config.num_epochs="$epochs"
   done
@@ -88,7 +89,7 @@ ptb() {
       train "$dir/m${m}_seed$seed" "configs/results_ptb.py:$m" --config.seed="$seed"
     done
     local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m2_seed0" 6)
+    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m2_seed0" 6 1)
     train "$dir/m1_equal_time_seed$seed" configs/results_ptb.py:1 --config.seed="$seed" \
       --config.num_epochs="$epochs"
   done

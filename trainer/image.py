@@ -166,7 +166,7 @@ def make_augmentation(config, num_classes: int) -> augment_lib.Augmentation:
 
 
 def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  total = config.num_epochs * steps_per_epoch
+  total = int(config.num_epochs * steps_per_epoch)
   if config.lr_schedule == "piecewise":
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
