@@ -72,3 +72,14 @@ def get_config():
   config.nonfinite = "stop"  # A NaN/inf loss: "stop" (naming the step) or "skip" the update.
   config.profile_steps = 0  # > 0: jax.profiler trace of that many steps in workdir/profile.
   return config
+
+
+def parse_num_copies(arg: str, valid: tuple[int, ...], baseline: str) -> int:
+  """The M of a `--config FILE.py:M` argument, one of `valid`; M=1 names `baseline`."""
+  try:
+    num_copies = int(arg)
+  except ValueError:
+    num_copies = arg
+  if num_copies not in valid:
+    raise ValueError(f"M={arg!r}; valid: {list(valid)} (1 = {baseline})")
+  return num_copies

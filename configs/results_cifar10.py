@@ -18,12 +18,7 @@ NUM_COPIES = (1, 2, 4, 10)
 
 
 def get_config(arg: str = "4"):
-  try:
-    num_copies = int(arg)
-  except ValueError:
-    num_copies = arg
-  if num_copies not in NUM_COPIES:
-    raise ValueError(f"M={arg!r}; valid: {list(NUM_COPIES)} (1 = Cutout only)")
+  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Cutout only")
   config = default.get_config()
   config.model = "resnet8"
   config.num_train_examples = 2048

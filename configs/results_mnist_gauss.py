@@ -15,18 +15,13 @@ norm of the loss's input gradient (the quantity of the paper's theorem 1).
 Seeds by `--config.seed`.
 """
 
-from configs import mnist_gauss
+from configs import default, mnist_gauss
 
 NUM_COPIES = (1, 5)
 
 
 def get_config(arg: str = "5"):
-  try:
-    num_copies = int(arg)
-  except ValueError:
-    num_copies = arg
-  if num_copies not in NUM_COPIES:
-    raise ValueError(f"M={arg!r}; valid: {list(NUM_COPIES)} (1 = Gaussian augmentation)")
+  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Gaussian augmentation")
   config = mnist_gauss.get_config()
   config.augment.gaussian_sigma = 0.5
   config.maxup.num_copies = num_copies

@@ -11,18 +11,13 @@ dynamic evaluation. Seeds by `--config.seed`; the same-wall-clock baseline is
 M=1 with `--config.num_epochs` raised (see RESULTS.md).
 """
 
-from configs import ptb_small_lstm
+from configs import default, ptb_small_lstm
 
 NUM_COPIES = (1, 2)
 
 
 def get_config(arg: str = "2"):
-  try:
-    num_copies = int(arg)
-  except ValueError:
-    num_copies = arg
-  if num_copies not in NUM_COPIES:
-    raise ValueError(f"M={arg!r}; valid: {list(NUM_COPIES)} (1 = embedding dropout only)")
+  num_copies = default.parse_num_copies(arg, NUM_COPIES, "embedding dropout only")
   config = ptb_small_lstm.get_config()
   config.num_train_tokens = 50_000
   config.num_epochs = 6

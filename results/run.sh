@@ -41,29 +41,20 @@ print(f"{round(epochs * seconds(maxup) / seconds(baseline) / unit) * unit:g}")
 PY
 }
 
-cifar10() {
-  local dir=$RUNS/cifar10
+# compare EXPERIMENT CONFIG EPOCHS EPOCH_UNIT M [M ...]: for every seed, the
+# baseline (m=1) and each M, then the baseline given the wall-clock time of the
+# first M (seed 0).
+compare() {
+  local experiment=$1 config=$2 epochs=$3 unit=$4 maxup=$5
+  shift 4
+  local dir=$RUNS/$experiment equal seed m
   for seed in "${SEEDS[@]}"; do
-    for m in 1 4 2 10; do
-      train "$dir/m${m}_seed$seed" "configs/results_cifar10.py:$m" --config.seed="$seed"
+    for m in 1 "$@"; do
+      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
     done
-    local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m4_seed0" 30 1)
-    train "$dir/m1_equal_time_seed$seed" configs/results_cifar10.py:1 --config.seed="$seed" \
-      --config.num_epochs="$epochs"
-  done
-}
-
-mnist() {
-  local dir=$RUNS/mnist_gauss
-  for seed in "${SEEDS[@]}"; do
-    for m in 1 5; do
-      train "$dir/m${m}_seed$seed" "configs/results_mnist_gauss.py:$m" --config.seed="$seed"
-    done
-    local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m5_seed0" 2 0.5)
-    train "$dir/m1_equal_time_seed$seed" configs/results_mnist_gauss.py:1 --config.seed="$seed" \
-      --config.num_epochs="$epochs"
+    equal=$(equal_time_epochs "$dir/m1_seed0" "$dir/m${maxup}_seed0" "$epochs" "$unit")
+    train "$dir/m1_equal_time_seed$seed" "$config:1" --config.seed="$seed" \
+      --config.num_epochs="$equal"
   done
 }
 
@@ -82,18 +73,9 @@ certify() {  # Every 20th MNIST test image (500 images), n0=100, n=10,000, alpha
   done
 }
 
-ptb() {
-  local dir=$RUNS/ptb
-  for seed in "${SEEDS[@]}"; do
-    for m in 1 2; do
-      train "$dir/m${m}_seed$seed" "configs/results_ptb.py:$m" --config.seed="$seed"
-    done
-    local epochs
-    epochs=$(equal_time_epochs "$dir/m1_seed0" "$dir/m2_seed0" 6 1)
-    train "$dir/m1_equal_time_seed$seed" configs/results_ptb.py:1 --config.seed="$seed" \
-      --config.num_epochs="$epochs"
-  done
-}
+cifar10() { compare cifar10 configs/results_cifar10.py 30 1 4 2 10; }
+mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
+ptb() { compare ptb configs/results_ptb.py 6 1 2; }
 
 case "${1:-}" in
   cifar10|mnist|certify|ptb) "$1" ;;
