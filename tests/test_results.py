@@ -1,0 +1,35 @@
+"""RESULTS.md's tables are what results/make_results.py computes from the logs in results/logs."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("cifar10_curves.png", "cifar10_m_ablation.png", "ptb_valid_perplexity.png",
+           "mnist_certified_accuracy.png", "mnist_input_gradient_norm.png")
+
+
+def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
+  results_md = tmp_path / "RESULTS.md"
+  shutil.copy(REPO / "RESULTS.md", results_md)
+  subprocess.run([sys.executable, "results/make_results.py", "--results_md", str(results_md),
+                  "--figures", str(tmp_path / "figures")], cwd=REPO, check=True,
+                 capture_output=True)
+  assert results_md.read_text() == (REPO / "RESULTS.md").read_text()
+  for name in FIGURES:
+    assert (tmp_path / "figures" / name).stat().st_size > 10_000
+    assert (REPO / "results" / "figures" / name).is_file()
+
+
+def test_every_table_averages_three_seeds():
+  text = (REPO / "RESULTS.md").read_text()
+  blocks = re.findall(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, re.S)
+  assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "ptb", "mnist_certified",
+                                          "mnist_gradient"}
+  for name, block in blocks:
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 3, name  # A header and at least two compared methods.
+    for row in rows[1:]:
+      assert "| 3 |" in row, (name, row)
