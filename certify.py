@@ -18,7 +18,7 @@ interrupted certification from the last finished image.
 
 from absl import app, flags, logging
 
-from trainer import certification
+from trainer import certification, xla_cpu
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (train.py --workdir).")
 SIGMA = flags.DEFINE_float(
@@ -43,6 +43,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  xla_cpu.apply_defaults()  # Before the first computation starts JAX's backend.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   run = certification.certify_workdir(

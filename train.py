@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import trainer
+from trainer import xla_cpu
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 CONFIG = config_flags.DEFINE_config_file("config", None, "A file under configs/.", lock_config=True)
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  xla_cpu.apply_defaults()  # Before the first computation starts JAX's backend.
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log every checkpoint step at INFO; the run reports through
     # its progress bar and metrics files instead.

@@ -24,6 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from trainer import xla_cpu  # noqa: E402
+
+# The XLA:CPU defaults of train.py, so that what is timed is what users run;
+# a benchmark's own --xla_flags setting of the same flag wins.
+xla_cpu.apply_defaults()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,7 +17,9 @@ import os
 import subprocess
 import sys
 
-# name -> (XLA_FLAGS, extra worker arguments)
+# name -> (XLA_FLAGS, extra worker arguments). Every attempt runs on XLA's own
+# defaults plus its flags (MAXUP_JAX_XLA_DEFAULTS=0), so "baseline" is stock
+# XLA:CPU and "no YNNPACK convolutions" is what train.py runs by default.
 ATTEMPTS = {
     "baseline": ("", []),
     "no YNNPACK convolutions (Eigen)": (
@@ -79,7 +81,7 @@ def main(args):
   rows = []
   for name in names:
     flags, extra = ATTEMPTS[name]
-    env = dict(os.environ)
+    env = dict(os.environ, MAXUP_JAX_XLA_DEFAULTS="0")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
                "--batch_size", str(args.batch_size), "--num_copies", str(args.num_copies),

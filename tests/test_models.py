@@ -3,6 +3,7 @@
 import functools
 from typing import ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -361,3 +362,53 @@ def test_bad_depth_raises_in_constructor(depth):
     CifarResNet(depth)
   with pytest.raises(ValueError, match="PreActResNet depth must be 6n\\+2"):
     PreActResNet(depth)
+
+
+# stem 2*2*3*24 + 24; group(c_in -> w): 9*c_in*w + 9*w*w + 4*w (two BN scale+bias);
+# classifier 256*10, no bias.
+_AIRBENCH_PARAMS = (2 * 2 * 3 * 24 + 24
+                    + 9 * 24 * 64 + 9 * 64 * 64 + 4 * 64
+                    + 9 * 64 * 256 + 9 * 256 * 256 + 4 * 256
+                    + 9 * 256 * 256 + 9 * 256 * 256 + 4 * 256
+                    + 256 * 10)
+
+
+def test_airbench_parameter_count_and_shapes():
+  model = create_model("airbench", 10)
+  assert _count_params(model, (32, 32, 3)) == _AIRBENCH_PARAMS == 1_972_792
+  small = create_model("airbench_32_64_128", 10)
+  assert small.widths == (32, 64, 128)
+  x = _images((3, 32, 32, 3))
+  variables = _init(small, x)
+  logits, updates = _apply(small, variables, x, train=True, mutable=["batch_stats"])
+  chex.assert_shape(logits, (3, 10))
+  chex.assert_type(logits, jnp.float32)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                         updates["batch_stats"], variables["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+  # Eval mode is a pure function of the variables: jitted equals eager.
+  eager = small.apply(variables, x, train=False)
+  np.testing.assert_allclose(_apply(small, variables, x, train=False), eager,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_airbench_remat_matches_plain_gradients():
+  model = create_model("airbench_8_8_16", 4)
+  x = _images((2, 32, 32, 3))
+  variables = _init(model, x)
+
+  def grad(module):
+    def loss(params):
+      logits, _ = module.apply({**variables, "params": params}, x, train=True,
+                               mutable=["batch_stats"])
+      return jnp.sum(logits**2)
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+               grad(model.clone(remat=True)), grad(model))
+
+
+@pytest.mark.parametrize("name", ["airbench_0_64_128", "airbench_32_64"])
+def test_airbench_bad_widths_raise(name):
+  with pytest.raises(ValueError, match="airbench|widths must be three positive ints"):
+    create_model(name, 10)

@@ -15,6 +15,8 @@ Registry names (`create_model`):
 * 'wrn<6n+4>_<k>': wide ResNet, e.g. 'wrn28_10'.
 * 'resnet50', 'resnet101', 'resnet152': ImageNet bottleneck ResNets.
 * 'small_cnn': two-convolution network for tests and MNIST.
+* 'airbench': airbench's compute-efficient CIFAR network (widths 64/256/256);
+  'airbench_<w1>_<w2>_<w3>' sets the widths of its three groups.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from maxup_jax.models.airbench import AirbenchNet
 from maxup_jax.models.resnet_cifar import CifarResNet, PreActResNet, SmallCNN, WideResNet
 from maxup_jax.models.resnet_imagenet import (
     ImageNetResNet,
@@ -35,6 +38,7 @@ from maxup_jax.models.resnet_imagenet import (
 
 __all__ = [
     "MODEL_NAMES",
+    "AirbenchNet",
     "CifarResNet",
     "ImageNetResNet",
     "PreActResNet",
@@ -56,6 +60,7 @@ _IMAGENET_RESNETS: dict[int, type[ImageNetResNet]] = {
 # `_NAME_PATTERNS` accept more depths and widths.
 MODEL_NAMES: tuple[str, ...] = (
     "small_cnn",
+    "airbench",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -73,6 +78,7 @@ _NAME_PATTERNS = (
     "cifar_resnet<6n+2>",
     "preact_resnet<6n+2>",
     "wrn<6n+4>_<k>",
+    "airbench_<w1>_<w2>_<w3>",
 )
 
 
@@ -87,6 +93,10 @@ def _resolve(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
   """Maps a registry name to a module class and the attributes it fixes."""
   if name == "small_cnn":
     return SmallCNN, {}
+  if name == "airbench":
+    return AirbenchNet, {}
+  if match := re.fullmatch(r"airbench_(\d+)_(\d+)_(\d+)", name):
+    return AirbenchNet, {"widths": tuple(int(w) for w in match.groups())}
   if match := re.fullmatch(r"resnet(\d+)", name):
     depth = int(match.group(1))
     if depth in _IMAGENET_RESNETS:
