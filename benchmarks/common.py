@@ -61,8 +61,17 @@ class Steps:
   """
 
   def __init__(self, model_name: str, batch_size: int, *, dtype: str = "float32",
-               num_devices: int = 1, donate: bool = True, remat: bool = False):
-    self.config = benchmark_config(model_name, batch_size, dtype)
+               num_devices: int = 1, donate: bool = True, remat: bool = False,
+               config=None):
+    """`config`: a training config whose augmentation and optimiser to use
+    (its model, batch size and dtype must be the arguments); default the
+    CIFAR-10 recipe of `benchmark_config`."""
+    if config is None:
+      config = benchmark_config(model_name, batch_size, dtype)
+    elif (config.model, config.batch_size, config.dtype) != (model_name, batch_size, dtype):
+      raise ValueError(f"config has model/batch_size/dtype {config.model}/{config.batch_size}/"
+                       f"{config.dtype}, the arguments {model_name}/{batch_size}/{dtype}")
+    self.config = config
     self.config.remat = remat
     self.batch_size = batch_size
     self.mesh = mesh_lib.create_mesh(num_devices)

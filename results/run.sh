@@ -2,6 +2,7 @@
 # Runs the experiments of RESULTS.md; `results/make_results.py` then builds its tables and plots.
 #
 #   results/run.sh cifar10|mnist|certify|ptb|all    (from the repository root)
+#   results/run.sh scratch|finetune|scratch_ablation
 #
 # Every run writes to runs/results/EXPERIMENT/NAME (metrics.jsonl, train.log,
 # checkpoints) and is skipped when it has already finished, so the script can
@@ -73,12 +74,61 @@ certify() {  # Every 20th MNIST test image (500 images), n0=100, n=10,000, alpha
   done
 }
 
+# The baseline epochs that cost a MaxUp run's time, from step times measured
+# side by side (results/equal_time.py); measured once per experiment and kept
+# in its directory, so every seed gets the same number.
+measured_equal_time() {  # measured_equal_time DIR CONFIG:ARG UNIT
+  mkdir -p "$1"
+  "$PYTHON" results/equal_time.py --config "$2" --unit "$3" --out "$1/equal_time.json"
+}
+
+# Experiment 6: from scratch until the baseline fits its 5,000 images.
+scratch() {
+  local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py equal seed m
+  equal=$(measured_equal_time "$dir" "$config:4" 1)
+  for seed in "${SEEDS[@]}"; do
+    for m in 1 4; do
+      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
+    done
+    train "$dir/m1_equal_time_seed$seed" "$config:1" --config.seed="$seed" \
+      --config.num_epochs="$equal"
+  done
+}
+
+scratch_ablation() {  # m = 2 and 10 in experiment 6's regime.
+  local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py seed m
+  for seed in "${SEEDS[@]}"; do
+    for m in 2 10; do
+      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
+    done
+  done
+}
+
+# Experiment 7: fine-tune experiment 6's seed-0 baseline, Cutout and CutMix.
+finetune() {
+  local config=configs/results_cifar10_finetune.py aug dir equal seed m
+  if ! finished "$RUNS/cifar10_scratch/m1_seed0"; then
+    echo "finetune needs $RUNS/cifar10_scratch/m1_seed0: run '$0 scratch' first" >&2; exit 1
+  fi
+  for aug in cutout cutmix; do
+    dir=$RUNS/cifar10_finetune_$aug
+    equal=$(measured_equal_time "$dir" "$config:$aug,4" 0.5)
+    for seed in "${SEEDS[@]}"; do
+      for m in 1 4; do
+        train "$dir/m${m}_seed$seed" "$config:$aug,$m" --config.seed="$seed"
+      done
+      train "$dir/m1_equal_time_seed$seed" "$config:$aug,1" --config.seed="$seed" \
+        --config.num_epochs="$equal"
+    done
+  done
+}
+
 cifar10() { compare cifar10 configs/results_cifar10.py 30 1 4 2 10; }
 mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
 ptb() { compare ptb configs/results_ptb.py 6 1 2; }
 
 case "${1:-}" in
-  cifar10|mnist|certify|ptb) "$1" ;;
-  all) cifar10; mnist; certify; ptb ;;
-  *) echo "usage: $0 cifar10|mnist|certify|ptb|all" >&2; exit 2 ;;
+  cifar10|mnist|certify|ptb|scratch|finetune|scratch_ablation) "$1" ;;
+  all) cifar10; mnist; certify; ptb; scratch; finetune; scratch_ablation ;;
+  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|finetune|scratch_ablation|all" >&2; exit 2 ;;
 esac

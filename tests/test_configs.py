@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from configs import cifar_paper, hardware, imagenet_cutmix
-from configs import results_cifar10, results_mnist_gauss, results_ptb
+from configs import results_cifar10, results_cifar10_finetune, results_cifar10_scratch
+from configs import results_mnist_gauss, results_ptb
 from trainer import image
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -44,7 +45,9 @@ def test_bad_paper_config_arguments(arg):
 
 
 RESULTS_CONFIGS = [(results_cifar10, "1", ("2", "4", "10")), (results_mnist_gauss, "1", ("5",)),
-                   (results_ptb, "1", ("2",))]
+                   (results_ptb, "1", ("2",)), (results_cifar10_scratch, "1", ("2", "4", "10")),
+                   (results_cifar10_finetune, "cutout,1", ("cutout,4",)),
+                   (results_cifar10_finetune, "cutmix,1", ("cutmix,4",))]
 
 
 @pytest.mark.parametrize("module, baseline, maxup_args", RESULTS_CONFIGS)
@@ -56,15 +59,29 @@ def test_results_configs_differ_only_in_the_number_of_copies(module, baseline, m
     if config.task == "image":
       image.validate_config(config, num_devices=1)
     as_dict = config.to_dict()
-    assert as_dict["maxup"].pop("num_copies") == int(arg)
+    assert as_dict["maxup"].pop("num_copies") == int(arg.split(",")[-1])
     assert as_dict == {**reference, "maxup": {k: v for k, v in reference["maxup"].items()
                                               if k != "num_copies"}}
 
 
-@pytest.mark.parametrize("module", [m for m, _, _ in RESULTS_CONFIGS])
-def test_results_configs_reject_other_copy_counts(module):
+@pytest.mark.parametrize("module, baseline", [(m, b) for m, b, _ in RESULTS_CONFIGS])
+def test_results_configs_reject_other_copy_counts(module, baseline):
+  prefix = baseline.rpartition(",")[0] + "," if "," in baseline else ""
   with pytest.raises(ValueError, match="M='3'; valid"):
-    module.get_config("3")
+    module.get_config(prefix + "3")
+
+
+def test_fine_tune_starts_from_the_scratch_baseline_and_rejects_other_augmentations():
+  scratch = results_cifar10_scratch.get_config("1")
+  for arg in ("cutout,4", "cutmix,1"):
+    config = results_cifar10_finetune.get_config(arg)
+    assert config.init_checkpoint.endswith("cifar10_scratch/m1_seed0")
+    assert (config.model, config.num_train_examples) == (scratch.model, scratch.num_train_examples)
+    assert config.learning_rate < scratch.learning_rate and config.maxup.warmup_epochs == 0
+  assert results_cifar10_finetune.get_config("cutmix,4").augment.cutmix_alpha == 1.0
+  assert results_cifar10_finetune.get_config("cutmix,4").augment.cutout_length == 0
+  with pytest.raises(ValueError, match="AUG='mixup'.*valid"):
+    results_cifar10_finetune.get_config("mixup,4")
 
 
 def test_presets_scale_batch_and_learning_rate():
