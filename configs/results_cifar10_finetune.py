@@ -6,7 +6,7 @@ Section 4.1 of the paper applies MaxUp to already trained ImageNet models for
 a few epochs at a small learning rate. Here the trained model is experiment
 6's Cutout baseline, seed 0 (`init_checkpoint`, its workdir under
 runs/results; `results/run.sh scratch` rebuilds it), fine-tuned on the same
-5,000 images for 10 epochs with SGD (Nesterov momentum 0.9) from lr 0.01, a
+2,500 images for 10 epochs with SGD (Nesterov momentum 0.9) from lr 0.01, a
 tenth of its training peak, cosine to 0, weight decay 5e-4, with crop + flip
 and either Cutout 16 or CutMix (alpha 1, the paper's ImageNet
 augmentation). M=4 is MaxUp from the first step; M=1 the standard
