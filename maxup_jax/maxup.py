@@ -63,6 +63,7 @@ def maxup_loss(
     has_aux: bool = False,
     mode: Literal["two_pass", "single_pass"] = "two_pass",
     selection_loss_fn: LossFn | None = None,
+    copies_per_pass: int | None = None,
 ) -> tuple[Array, MaxUpAux]:
   r"""Mean over the batch of the worst-copy loss of each example.
 
@@ -109,6 +110,11 @@ def maxup_loss(
       it to select with a cheaper variant of the model, e.g. one computing in
       bfloat16 while the gradient pass stays in float32. `aux.copy_losses`
       then holds its values.
+    copies_per_pass: `two_pass` only: how many copies one selection pass
+      vmaps over; None (default) ranks all m in one pass. Smaller values run
+      `ceil(m / copies_per_pass)` passes in sequence (`jax.lax.map`), the
+      same losses with a working set of `copies_per_pass * B` examples,
+      e.g. to stay within a CPU's cache or an accelerator's memory.
 
   Returns:
     `(loss, aux)`: the scalar mean worst-copy loss, differentiable in
@@ -125,6 +131,13 @@ def maxup_loss(
     raise ValueError(
         f"selection_loss_fn is only used by mode='two_pass' (single_pass "
         f"differentiates the selection itself); got mode={mode!r}.")
+  if copies_per_pass is not None:
+    if isinstance(copies_per_pass, bool) or not isinstance(copies_per_pass, int) or (
+        copies_per_pass < 1):
+      raise ValueError(f"copies_per_pass must be None or a Python int >= 1, got "
+                       f"{copies_per_pass!r}.")
+    if mode != "two_pass":
+      raise ValueError(f"copies_per_pass is only used by mode='two_pass'; got mode={mode!r}.")
   _check_key(key)
   batch_size = _batch_size(batch)
 
@@ -146,7 +159,11 @@ def maxup_loss(
     select = call if selection_loss_fn is None else _checked_loss_fn(
         selection_loss_fn, has_aux, batch_size)
     frozen = jax.lax.stop_gradient(params)
-    copy_losses, _ = jax.vmap(select, in_axes=(None, None, 0))(frozen, batch, keys)
+    if copies_per_pass is None or copies_per_pass >= num_copies:
+      copy_losses, _ = jax.vmap(select, in_axes=(None, None, 0))(frozen, batch, keys)
+    else:
+      copy_losses, _ = jax.lax.map(lambda copy_keys: select(frozen, batch, copy_keys), keys,
+                                   batch_size=copies_per_pass)
     copy_losses = jax.lax.stop_gradient(copy_losses)
     selected = jnp.argmax(copy_losses, axis=0)
     winning_keys = keys[selected, jnp.arange(batch_size)]

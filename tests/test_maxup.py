@@ -491,3 +491,35 @@ class SelectionLossTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="only used by mode='two_pass'"):
       maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
                  mode="single_pass", selection_loss_fn=noisy_linear_loss)
+
+
+class CopiesPerPassTest(parameterized.TestCase):
+
+  @parameterized.product(num_copies=(2, 5), copies_per_pass=(1, 2, 3, 10), jit=(False, True))
+  def test_sequential_selection_equals_one_vmapped_pass(self, num_copies, copies_per_pass, jit):
+    params, batch, key = _linear_params(), _batch(), jax.random.key(5)
+
+    def run(per_pass):
+      fn = lambda p: maxup_loss(noisy_linear_loss, p, batch, key, num_copies,
+                                copies_per_pass=per_pass)
+      grad_fn = jax.value_and_grad(fn, has_aux=True)
+      return (jax.jit(grad_fn) if jit else grad_fn)(params)
+
+    (loss, aux), grad = run(copies_per_pass)
+    (ref_loss, ref_aux), ref_grad = run(None)
+    chex.assert_shape(aux.copy_losses, (num_copies, BATCH))
+    chex.assert_trees_all_close(aux.copy_losses, ref_aux.copy_losses, rtol=1e-6)
+    np.testing.assert_array_equal(aux.selected_copy, ref_aux.selected_copy)
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6)
+    chex.assert_trees_all_close(grad, ref_grad, rtol=1e-6)
+
+  @parameterized.parameters(0, -1, 1.5, True)
+  def test_bad_copies_per_pass(self, copies_per_pass):
+    with pytest.raises(ValueError, match="copies_per_pass must be None or a Python int >= 1"):
+      maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
+                 copies_per_pass=copies_per_pass)
+
+  def test_copies_per_pass_needs_two_pass(self):
+    with pytest.raises(ValueError, match="copies_per_pass is only used by mode='two_pass'"):
+      maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
+                 mode="single_pass", copies_per_pass=1)

@@ -253,6 +253,7 @@ def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
     ({"dataset": "svhn"}, "dataset='svhn'"),
     ({"augment.gaussian_sigma": -0.1}, "gaussian_sigma=-0.1"),
     ({"maxup.num_copies": 0}, "maxup.num_copies=0"),
+    ({"maxup.copies_per_pass": -1}, "maxup.copies_per_pass=-1"),
     ({"batch_size": 66}, "not divisible by the 4 devices"),
     ({"maxup.mode": "triple"}, "maxup.mode='triple'"),
     ({"train_eval_examples": 512}, "train_eval_examples=512 exceeds the num_train_examples=256"),

@@ -89,6 +89,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
   check(maxup.warmup_epochs >= 0, f"maxup.warmup_epochs={maxup.warmup_epochs}; must be >= 0")
+  check(isinstance(maxup.copies_per_pass, int) and maxup.copies_per_pass >= 0,
+        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 0 (0 = all copies "
+        "in one selection pass)")
   check(maxup.selection_dtype in ("",) + tuple(DTYPES),
         f"maxup.selection_dtype={maxup.selection_dtype!r}; valid: '' (= dtype) or {sorted(DTYPES)}")
   check(config.nonfinite in NONFINITE_POLICIES,
@@ -223,7 +226,7 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_copies: int,
                mode: str, freeze_batch_norm: bool = False, selection_model=None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, copies_per_pass: int | None = None):
   """One SGD step on the MaxUp loss; `num_copies=1` is standard augmentation.
 
   Args:
@@ -234,6 +237,8 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
       `model` computing in bfloat16; default `model`.
     skip_nonfinite: a step whose loss or gradient is NaN/inf leaves the state
       unchanged (but for the step counter) instead of applying the update.
+    copies_per_pass: two-pass only: copies per selection pass (`maxup_loss`);
+      None ranks all of them in one pass.
 
   Returns:
     (new_state, metrics) with scalar metrics: `loss` (mean worst-copy loss),
@@ -264,7 +269,8 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
 
   def objective(params):
     return maxup_loss(make_loss_fn(model), params, batch, key, num_copies, has_aux=True,
-                      mode=mode, selection_loss_fn=select)
+                      mode=mode, selection_loss_fn=select,
+                      copies_per_pass=copies_per_pass if mode == "two_pass" else None)
 
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_stats, correct = aux.loss_aux
@@ -409,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_kwargs = dict(
       model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
       mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
+      copies_per_pass=config.maxup.copies_per_pass or None,
       selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
   # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
   step_fns = {
