@@ -49,6 +49,9 @@ def get_config():
   config.bptt_std = 5.0
   config.min_seq_len = 5
   config.seq_len_bucket = 8
+  # The output layer's loss over this many words at a time, never holding the
+  # [B, T, V] logits; 0 computes the full logits (same values).
+  config.vocab_chunk_size = 1024
 
   config.learning_rate = 30.0  # Scaled by segment length / bptt at every step.
   config.clip_grad_norm = 0.25

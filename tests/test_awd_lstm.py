@@ -11,7 +11,7 @@ import pytest
 from maxup_jax import dynamic_eval
 from maxup_jax.maxup import maxup_loss
 from maxup_jax.models import awd_lstm
-from trainer import language
+from trainer import language, text_data
 
 VOCAB, BATCH, STEPS = 50, 4, 6
 
@@ -165,6 +165,86 @@ def test_sequence_loss_averages_to_awd_lstm_loss():
               + 1.0 * jnp.mean((out.hidden[:, 1:] - out.hidden[:, :-1])**2))
   np.testing.assert_allclose(losses.mean(), awd_loss, rtol=1e-5)
   np.testing.assert_allclose(nll.mean(), cross_entropy, rtol=1e-5)
+
+
+def test_decoder_params_give_the_models_logits():
+  for tie_weights in (True, False):
+    model = tiny_model(num_layers=1, tie_weights=tie_weights)
+    params = init(model)
+    output = jax.jit(model.apply)({"params": params}, random_batch()["inputs"],
+                                  model.initial_carry(BATCH))
+    weight, bias = model.decoder_params(params)
+    chex.assert_shape(weight, (VOCAB, output.dropped_hidden.shape[-1]))
+    np.testing.assert_allclose(output.dropped_hidden @ weight.T + bias, output.logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+  # VOCAB=50 in chunks of 7: 8 chunks, 6 padded words; 2 of the 6 steps are padding.
+  model = tiny_model(num_layers=1)
+  params = init(model)
+  batch = random_batch()
+  length = STEPS - 2
+  hyper = dict(activation_reg=2.0, temporal_activation_reg=1.0)
+
+  def apply(params, compute_logits=True):
+    return model.apply({"params": params}, batch["inputs"], model.initial_carry(BATCH),
+                       length=length, dropout_keys=jax.random.split(jax.random.key(0), BATCH),
+                       weight_dropout_key=jax.random.key(1), compute_logits=compute_logits)
+
+  def full(params):
+    losses, nll = awd_lstm.sequence_loss(apply(params), batch["targets"], length, **hyper)
+    return losses.mean(), (losses, nll)
+
+  def chunked(params):
+    output = apply(params, compute_logits=False)
+    assert output.logits is None
+    losses, nll = awd_lstm.sequence_loss_chunked(
+        output, model.decoder_params(params), batch["targets"], length, vocab_chunk_size=7,
+        **hyper)
+    return losses.mean(), (losses, nll)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))
+  (_, (losses, nll)), grads = grad(chunked)(params)
+  (_, expected), expected_grads = grad(full)(params)
+  chex.assert_trees_all_close((losses, nll), expected, rtol=1e-5)
+  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+  # Un-jitted, on the same model output.
+  output = jax.jit(apply)(params)
+  chex.assert_trees_all_close(
+      awd_lstm.sequence_loss_chunked(output, model.decoder_params(params), batch["targets"],
+                                     length, vocab_chunk_size=7, **hyper),
+      awd_lstm.sequence_loss(output, batch["targets"], length, **hyper), rtol=1e-5)
+
+
+def test_train_step_with_the_chunked_loss_equals_the_full_logits_step():
+  model = tiny_model(num_layers=1)
+  state = language.initial_train_state(model, BATCH, jax.random.key(0))
+  batch = random_batch()
+  hyper = dict(model=model, num_copies=2, mode="two_pass", learning_rate=1.0, bptt=STEPS,
+               clip_grad_norm=0.25, weight_decay=1e-6, activation_reg=2.0,
+               temporal_activation_reg=1.0)
+
+  @jax.jit
+  def run(state):
+    return {chunk: language.train_step(state, batch, STEPS - 1, jax.random.key(5),
+                                       vocab_chunk_size=chunk, **hyper) for chunk in (0, 16)}
+
+  steps = run(state)
+  chex.assert_trees_all_close(steps[16], steps[0], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_with_the_chunked_loss_equals_the_full_logits():
+  model = tiny_model(num_layers=1)
+  params = init(model)
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (203,), 0, VOCAB), np.int32)
+  segments = text_data.stacked_segments(text_data.batchify(tokens, BATCH), 8)
+  assert segments["length"][-1] < 8  # The last segment is padded.
+  evaluate = jax.jit(language.evaluate_segments,
+                     static_argnames=("model", "batch_size", "vocab_chunk_size"))
+  results = [evaluate(params, segments, model=model, batch_size=BATCH, vocab_chunk_size=chunk)
+             for chunk in (0, 16)]
+  chex.assert_trees_all_close(results[1], results[0], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -48,6 +48,10 @@ from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 from trainer import progress as progress_lib
 
+# Words per chunk of the chunked output-layer loss (awd_lstm.sequence_loss_chunked); 0 computes
+# the full [B, T, V] logits instead (awd_lstm.sequence_loss). Set by config.vocab_chunk_size.
+DEFAULT_VOCAB_CHUNK_SIZE = 1024
+
 MODEL_FIELDS = ("embed_dim", "hidden_dim", "num_layers", "tie_weights", "embed_dropout",
                 "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
 
@@ -166,6 +170,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       check(positive_int(dyn[name]), f"dynamic_eval.{name}={dyn[name]!r}; must be a positive int")
     check(dyn.stats_max_segments >= 0,
           f"dynamic_eval.stats_max_segments={dyn.stats_max_segments}; must be >= 0 (0 = all)")
+  chunk = config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE)
+  check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
+        f"vocab_chunk_size={chunk!r}; must be an int >= 0 (0 = full logits)")
   check(config.num_train_tokens >= 0,
         f"num_train_tokens={config.num_train_tokens}; must be >= 0 (0 = all)")
   check(config.num_eval_tokens >= 0,
@@ -256,9 +263,21 @@ def apply_transition(state: TrainState, improved, start_averaging, restart,
 # Pure steps.
 
 
+def initial_train_state(model, batch_size: int, init_key) -> TrainState:
+  """Fresh weights from `init_key`, no average yet, zero hidden state of `batch_size` streams."""
+  carry = model.initial_carry(batch_size)
+  params = model.init(init_key, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1))["params"]
+  # Separate buffers for every parameter tree, so the state can be donated.
+  copy = lambda tree: jax.tree.map(lambda x: x + 0, tree)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, avg_params=copy(params),
+                    avg_count=jnp.zeros((), jnp.int32), averaging=jnp.zeros((), bool),
+                    best_params=copy(params), carry=carry)
+
+
 def train_step(state: TrainState, batch, length, key, *, model, num_copies: int, mode: str,
                learning_rate: float, bptt: int, clip_grad_norm: float, weight_decay: float,
-               activation_reg: float, temporal_activation_reg: float):
+               activation_reg: float, temporal_activation_reg: float,
+               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
   """One (A)SGD step on the MaxUp loss of a segment; `num_copies=1` is plain AWD-LSTM.
 
   Args:
@@ -267,6 +286,10 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
     length: the segment's real length (scalar); the learning rate is
       `learning_rate * length / bptt`, as AWD-LSTM scales it.
     key: this step's PRNG key.
+    vocab_chunk_size: > 0: the loss never holds the `[B, T, V]` logits
+      (`awd_lstm.sequence_loss_chunked`, this many words at a time, in the
+      selection and the gradient passes); 0: `awd_lstm.sequence_loss` on the
+      full logits. Same values up to float rounding.
 
   Returns:
     (new_state, metrics): summed-friendly scalars `loss` (mean worst-copy
@@ -277,10 +300,16 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
 
   def loss_fn(params, batch, keys):
     output = model.apply({"params": params}, batch["inputs"], batch["carry"], length=length,
-                         dropout_keys=keys, weight_dropout_key=weight_key)
-    losses, nll = awd_lstm.sequence_loss(
-        output, batch["targets"], length, activation_reg=activation_reg,
-        temporal_activation_reg=temporal_activation_reg)
+                         dropout_keys=keys, weight_dropout_key=weight_key,
+                         compute_logits=not vocab_chunk_size)
+    regularisers = dict(activation_reg=activation_reg,
+                        temporal_activation_reg=temporal_activation_reg)
+    if vocab_chunk_size:
+      losses, nll = awd_lstm.sequence_loss_chunked(
+          output, model.decoder_params(params), batch["targets"], length,
+          vocab_chunk_size=vocab_chunk_size, **regularisers)
+    else:
+      losses, nll = awd_lstm.sequence_loss(output, batch["targets"], length, **regularisers)
     return losses, (output.carry, nll)
 
   def objective(params):
@@ -320,19 +349,29 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
   return new_state, metrics
 
 
-def segment_nll(model, params, carry, segment):
-  """(nll_sum, num_tokens, carry) of one segment {'inputs', 'targets', 'length'}, no dropout."""
-  output = model.apply({"params": params}, segment["inputs"], carry, length=segment["length"])
-  nll_sum, count = awd_lstm.token_nll_sum(output.logits, segment["targets"], segment["length"])
+def segment_nll(model, params, carry, segment, vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
+  """(nll_sum, num_tokens, carry) of one segment {'inputs', 'targets', 'length'}, no dropout.
+
+  `vocab_chunk_size` as in `train_step`: > 0 never holds the `[B, T, V]` logits.
+  """
+  output = model.apply({"params": params}, segment["inputs"], carry, length=segment["length"],
+                       compute_logits=not vocab_chunk_size)
+  if vocab_chunk_size:
+    nll = awd_lstm.token_nll_chunked(output.dropped_hidden, model.decoder_params(params),
+                                     segment["targets"], vocab_chunk_size, segment["length"])
+  else:
+    nll = awd_lstm.token_nll(output.logits, segment["targets"])
+  nll_sum, count = awd_lstm.masked_nll_sum(nll, segment["length"])
   return nll_sum, count, output.carry
 
 
-def evaluate_segments(params, segments, *, model, batch_size: int):
+def evaluate_segments(params, segments, *, model, batch_size: int,
+                      vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
   """Summed NLL and token count over stacked segments `[N, B, T]`, state carried through."""
 
   def step(acc, segment):
     carry, total, count = acc
-    nll_sum, n, carry = segment_nll(model, params, carry, segment)
+    nll_sum, n, carry = segment_nll(model, params, carry, segment, vocab_chunk_size)
     return (carry, total + nll_sum, count + n), None
 
   init = (model.initial_carry(batch_size), jnp.zeros(()), jnp.zeros(()))
@@ -361,13 +400,36 @@ def dynamic_evaluate(params, carry, segments, stats, *, model, learning_rate: fl
 # Compiled once per process for each model and hyper-parameters (static
 # arguments), so runs that share them, e.g. a resumed run, reuse the compilation.
 _TRAIN_STEP_STATICS = ("model", "num_copies", "mode", "learning_rate", "bptt", "clip_grad_norm",
-                       "weight_decay", "activation_reg", "temporal_activation_reg")
+                       "weight_decay", "activation_reg", "temporal_activation_reg",
+                       "vocab_chunk_size")
 _train_step = jax.jit(train_step, static_argnames=_TRAIN_STEP_STATICS, donate_argnums=0)
 _apply_transition = jax.jit(apply_transition, donate_argnums=0)
-_evaluate_segments = jax.jit(evaluate_segments, static_argnames=("model", "batch_size"))
+_evaluate_segments = jax.jit(evaluate_segments,
+                             static_argnames=("model", "batch_size", "vocab_chunk_size"))
 _dynamic_gradient_stats = jax.jit(dynamic_gradient_stats, static_argnames=("model", "decay"))
 _dynamic_evaluate = jax.jit(dynamic_evaluate,
                             static_argnames=("model", "learning_rate", "decay", "epsilon"))
+
+
+def make_train_step(config, model, num_copies: int | None = None):
+  """The jitted `train_step` with `config`'s hyper-parameters, as `train_and_evaluate` runs it.
+
+  Call it as `step_fn(state, batch, length, key)`; the state is donated.
+  `num_copies` overrides `config.maxup.num_copies` (1 gives the plain step).
+  """
+  return functools.partial(
+      _train_step, model=model,
+      num_copies=config.maxup.num_copies if num_copies is None else num_copies,
+      mode=config.maxup.mode, learning_rate=float(config.learning_rate), bptt=config.bptt,
+      clip_grad_norm=float(config.clip_grad_norm), weight_decay=float(config.weight_decay),
+      activation_reg=float(config.activation_reg),
+      temporal_activation_reg=float(config.temporal_activation_reg),
+      vocab_chunk_size=configured_vocab_chunk_size(config))
+
+
+def configured_vocab_chunk_size(config) -> int:
+  """`config.vocab_chunk_size` if set, else `DEFAULT_VOCAB_CHUNK_SIZE`."""
+  return int(config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE))
 
 
 # ---------------------------------------------------------------------------
@@ -445,12 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_key, train_key = jax.random.split(root_key)
 
   def init():
-    carry = model.initial_carry(config.batch_size)
-    params = model.init(init_key, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1))["params"]
-    copy = lambda tree: jax.tree.map(lambda x: x + 0, tree)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, avg_params=copy(params),
-                      avg_count=jnp.zeros((), jnp.int32), averaging=jnp.zeros((), bool),
-                      best_params=copy(params), carry=carry)
+    return initial_train_state(model, config.batch_size, init_key)
 
   abstract = jax.eval_shape(init)
   state_shardings = abstract.replace(
@@ -478,12 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d (epoch %d, phase %d).", start_step, progress.epoch,
                  progress.phase)
 
-  step_fn = functools.partial(
-      _train_step, model=model, num_copies=config.maxup.num_copies, mode=config.maxup.mode,
-      learning_rate=float(config.learning_rate), bptt=config.bptt,
-      clip_grad_norm=float(config.clip_grad_norm), weight_decay=float(config.weight_decay),
-      activation_reg=float(config.activation_reg),
-      temporal_activation_reg=float(config.temporal_activation_reg))
+  step_fn = make_train_step(config, model)
   initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
                           out_shardings=state_shardings.carry)()
 
@@ -495,7 +547,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate(params, split):
     total, count = jax.device_get(_evaluate_segments(
-        params, eval_sets[split], model=model, batch_size=eval_batch_sizes[split]))
+        params, eval_sets[split], model=model, batch_size=eval_batch_sizes[split],
+        vocab_chunk_size=configured_vocab_chunk_size(config)))
     loss = float(total / count)
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
 

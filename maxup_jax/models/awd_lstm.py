@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxup_jax import losses
+
 Array = jax.Array
 # One (h, c) pair per layer, each [B, hidden_l].
 Carry = tuple[tuple[Array, Array], ...]
@@ -39,7 +41,7 @@ class LMOutput(NamedTuple):
   """What `AWDLSTM.__call__` returns.
 
   Attributes:
-    logits: float32 `[B, T, V]` next-token logits.
+    logits: float32 `[B, T, V]` next-token logits (None if not computed).
     carry: the hidden state after the last valid step, to carry to the next segment.
     hidden: `[B, T, H_last]` last layer's output before output dropout (TAR's input).
     dropped_hidden: `[B, T, H_last]` the same after output dropout (AR's input).
@@ -106,8 +108,9 @@ class LSTMLayer(nn.Module):
 
   h_t, c_t = LSTM(x_t, h_{t-1}, c_{t-1}) with pre-activations
   x_t W_x + h_{t-1} (W_h * M) + b, where M is the DropConnect mask. Steps at
-  or past `length` leave the state unchanged, so a zero-padded segment
-  carries out the state of its last real step.
+  or past `length` are skipped: they leave the state unchanged and output
+  the last real step's h, so a zero-padded segment carries out the state of
+  its last real step.
   """
 
   features: int
@@ -127,14 +130,20 @@ class LSTMLayer(nn.Module):
     projected = jnp.einsum("btd,dg->tbg", inputs, input_kernel) + bias
     valid = jnp.arange(inputs.shape[1]) < length
 
-    def step(carry, xs):
+    def advance(carry, x_t):
       h, c = carry
-      x_t, valid_t = xs
       i, f, g, o = jnp.split(x_t + h @ hidden_kernel, 4, axis=-1)
       new_c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
       new_h = jax.nn.sigmoid(o) * jnp.tanh(new_c)
-      carry = (jnp.where(valid_t, new_h, h), jnp.where(valid_t, new_c, c))
-      return carry, new_h
+      return (new_h, new_c), new_h
+
+    def hold(carry, x_t):
+      return carry, carry[0]
+
+    def step(carry, xs):
+      x_t, valid_t = xs
+      # A branch, not a select: padding steps cost nothing, forward or backward.
+      return jax.lax.cond(valid_t, advance, hold, carry, x_t)
 
     carry, outputs = jax.lax.scan(step, carry, (projected, valid))
     return carry, jnp.swapaxes(outputs, 0, 1)
@@ -191,10 +200,22 @@ class AWDLSTM(nn.Module):
     return tuple((jnp.zeros((batch_size, n), jnp.float32), jnp.zeros((batch_size, n), jnp.float32))
                  for n in self.layer_sizes())
 
+  @nn.nowrap
+  def decoder_params(self, params: Any) -> tuple[Array, Array]:
+    """The output layer in `params`: (weight `[V, D]`, one row per word; bias `[V]`).
+
+    logits = dropped_hidden @ weight.T + bias. With tied weights the weight
+    is the embedding matrix itself.
+    """
+    if self.tie_weights:
+      return params["embedding"], params["decoder_bias"]
+    return params["decoder"]["kernel"].T, params["decoder"]["bias"]
+
   @nn.compact
   def __call__(self, tokens: Array, carry: Carry, *, length: Array | int | None = None,
                dropout_keys: Array | None = None,
-               weight_dropout_key: Array | None = None) -> LMOutput:
+               weight_dropout_key: Array | None = None,
+               compute_logits: bool = True) -> LMOutput:
     """Runs a segment.
 
     Args:
@@ -205,6 +226,9 @@ class AWDLSTM(nn.Module):
         locked dropout; None turns them off (evaluation).
       weight_dropout_key: one key for the DropConnect masks; None turns
         DropConnect off.
+      compute_logits: False leaves `logits` None, for losses that take the
+        output layer from `decoder_params` and never hold the `[B, T, V]`
+        logits (`sequence_loss_chunked`).
 
     Returns:
       An `LMOutput`.
@@ -248,11 +272,16 @@ class AWDLSTM(nn.Module):
 
     if self.tie_weights:
       bias = self.param("decoder_bias", nn.initializers.zeros, (self.vocab_size,))
-      logits = x @ embedding.T + bias
+      logits = x @ embedding.T + bias if compute_logits else None
     else:
-      logits = nn.Dense(self.vocab_size, kernel_init=_uniform(0.1), name="decoder")(x)
-    return LMOutput(logits=logits.astype(jnp.float32), carry=tuple(new_carry), hidden=raw,
-                    dropped_hidden=x)
+      decoder = nn.Dense(self.vocab_size, kernel_init=_uniform(0.1), name="decoder")
+      if compute_logits or self.is_initializing():
+        logits = decoder(x)
+      else:
+        logits = None
+    if logits is not None:
+      logits = logits.astype(jnp.float32)
+    return LMOutput(logits=logits, carry=tuple(new_carry), hidden=raw, dropped_hidden=x)
 
   @staticmethod
   def _locked_masks(keys: Array, features: int, rate: float) -> Array:
@@ -292,11 +321,83 @@ def sequence_loss(output: LMOutput, targets: Array, length: Array | int, *,
   Returns:
     (loss `[B]`, mean negative log-likelihood per token `[B]`).
   """
-  steps = targets.shape[1]
+  return regularised_loss(token_nll(output.logits, targets), output, length,
+                          activation_reg=activation_reg,
+                          temporal_activation_reg=temporal_activation_reg)
+
+
+def sequence_loss_chunked(output: LMOutput, decoder: tuple[Array, Array], targets: Array,
+                          length: Array | int, *, activation_reg: float = 0.0,
+                          temporal_activation_reg: float = 0.0,
+                          vocab_chunk_size: int = 1024) -> tuple[Array, Array]:
+  """`sequence_loss` without the `[B, T, V]` logits.
+
+  The same L_b (up to float rounding), with the token NLL computed from
+  `output.dropped_hidden` and the output layer by `token_nll_chunked`:
+  `vocab_chunk_size` words at a time, so the `[B, T, V]` logits are never
+  held, and the output layer is not run on the padding past `length`.
+  `output.logits` is not read, so the model can be run with
+  `compute_logits=False`.
+
+  Args:
+    output: the model's `LMOutput` for a `[B, T]` segment.
+    decoder: (weight `[V, D]`, bias `[V]`), from `AWDLSTM.decoder_params`.
+    targets: int `[B, T]` next tokens.
+    length: real steps (scalar).
+    activation_reg, temporal_activation_reg: as in `sequence_loss`.
+    vocab_chunk_size: the most words per chunk.
+
+  Returns:
+    (loss `[B]`, mean negative log-likelihood per token `[B]`).
+  """
+  nll = token_nll_chunked(output.dropped_hidden, decoder, targets, vocab_chunk_size, length)
+  return regularised_loss(nll, output, length, activation_reg=activation_reg,
+                          temporal_activation_reg=temporal_activation_reg)
+
+
+def token_nll(logits: Array, targets: Array) -> Array:
+  """-log softmax(logits)[target] of every token: logits `[B, T, V]`, targets `[B, T]` -> `[B, T]`."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def token_nll_chunked(hidden: Array, decoder: tuple[Array, Array], targets: Array,
+                      vocab_chunk_size: int = 1024, length: Array | int | None = None) -> Array:
+  """`token_nll(hidden @ weight.T + bias, targets)` chunked over the vocabulary, `[B, T]`.
+
+  Args:
+    hidden: `[B, T, D]` (the model's `dropped_hidden`).
+    decoder: (weight `[V, D]`, bias `[V]`), from `AWDLSTM.decoder_params`.
+    targets: int `[B, T]`.
+    vocab_chunk_size: the most words per chunk.
+    length: None, or the real steps: the NLL of steps from `length` on is
+      then 0 and not computed (the steps are laid out time-major, so the
+      real tokens are the first `length * B` rows of
+      `losses.linear_softmax_cross_entropy`).
+
+  Returns:
+    float32 `[B, T]`.
+  """
+  weight, bias = decoder
+  batch = targets.shape[0]
+  num_valid_rows = None if length is None else length * batch
+  nll = losses.linear_softmax_cross_entropy(
+      jnp.swapaxes(hidden, 0, 1), weight, bias, targets.T, num_valid_rows=num_valid_rows,
+      chunk_size=vocab_chunk_size)
+  return nll.T
+
+
+def regularised_loss(nll: Array, output: LMOutput, length: Array | int, *,
+                     activation_reg: float = 0.0,
+                     temporal_activation_reg: float = 0.0) -> tuple[Array, Array]:
+  """`sequence_loss` from the token NLL `[B, T]`: (loss `[B]`, mean token NLL `[B]`).
+
+  Means over the `length` real steps; AR on `output.dropped_hidden`, TAR on
+  `output.hidden`, as `sequence_loss` states.
+  """
+  steps = nll.shape[1]
   valid = (jnp.arange(steps) < length).astype(jnp.float32)
   num_valid = jnp.maximum(jnp.sum(valid), 1.0)
-  log_probs = jax.nn.log_softmax(output.logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   nll = jnp.sum(nll * valid, axis=1) / num_valid
   loss = nll
   if activation_reg:
@@ -312,10 +413,13 @@ def sequence_loss(output: LMOutput, targets: Array, length: Array | int, *,
 
 def token_nll_sum(logits: Array, targets: Array, length: Array | int) -> tuple[Array, Array]:
   """Summed negative log-likelihood and token count of the real steps of a `[B, T]` segment."""
-  valid = (jnp.arange(targets.shape[1]) < length).astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * valid[None]), jnp.sum(valid) * targets.shape[0]
+  return masked_nll_sum(token_nll(logits, targets), length)
+
+
+def masked_nll_sum(nll: Array, length: Array | int) -> tuple[Array, Array]:
+  """(sum of the token NLL `[B, T]` over the first `length` steps, number of those tokens)."""
+  valid = (jnp.arange(nll.shape[1]) < length).astype(jnp.float32)
+  return jnp.sum(nll * valid[None]), jnp.sum(valid) * nll.shape[0]
 
 
 def num_params(params: Any) -> int:
