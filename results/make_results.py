@@ -7,7 +7,8 @@
 `results/run.sh` writes one directory per run under runs/results/EXPERIMENT/.
 `--collect` copies what the tables need from each finished run (metrics.jsonl,
 config.json, the training log without its progress bar, certification TSVs)
-to results/logs/EXPERIMENT/RUN; checkpoints stay behind. The tables replace
+to results/logs/EXPERIMENT/RUN, and each experiment's equal_time.json;
+checkpoints stay behind. The tables replace
 the text between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in
 RESULTS.md; the figures go to results/figures. Every number is a mean +- the
 sample standard deviation over the seeds found.
@@ -73,6 +74,11 @@ def collect(runs_dir: Path) -> None:
       (target / "certify").mkdir(exist_ok=True)
       shutil.copy(tsv, target / "certify" / tsv.name)
     print(f"collected: {run} -> {target.relative_to(REPO)}")
+  # The measured step-time ratio behind an experiment's equal-time baseline.
+  for measurement in sorted(runs_dir.glob("*/equal_time.json")):
+    target = LOGS / measurement.parent.name / measurement.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(measurement, target)
 
 
 def read_records(run: Path) -> list[dict]:
