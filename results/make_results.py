@@ -59,7 +59,8 @@ def collect(runs_dir: Path) -> None:
   """Copies the logs of every finished run under runs_dir into results/logs."""
   for metrics_path in sorted(runs_dir.glob("*/*/metrics.jsonl")):
     run = metrics_path.parent
-    if '"split": "summary"' not in metrics_path.read_text():
+    summaries = [r for r in read_records(run) if r.get("split") == "summary"]
+    if not summaries or summaries[-1].get("preempted", False):
       print(f"skipped (unfinished): {run}")
       continue
     target = LOGS / run.parent.name / run.name

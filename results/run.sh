@@ -15,8 +15,9 @@ export TFDS_DATA_DIR=${TFDS_DATA_DIR:-../shared/tfds}
 RUNS=runs/results
 SEEDS=(0 1 2)
 
-finished() {  # A run is done once its metrics.jsonl holds a summary line.
-  [[ -f "$1/metrics.jsonl" ]] && grep -q '"split": "summary"' "$1/metrics.jsonl"
+finished() {  # A run is done once its last summary line is not that of a preempted run.
+  [[ -f "$1/metrics.jsonl" ]] &&
+    grep '"split": "summary"' "$1/metrics.jsonl" | tail -n 1 | grep -qv '"preempted": true'
 }
 
 train() {  # train WORKDIR CONFIG [--config.X=Y ...]
