@@ -109,7 +109,7 @@ class Steps:
     parameters = inspect.signature(image.train_step).parameters
     if "skip_nonfinite" in parameters:
       kwargs["skip_nonfinite"] = self.config.get("nonfinite") == "skip"
-    if "copies_per_pass" in parameters and mode == "two_pass":
+    if "copies_per_pass" in parameters:  # train_step ignores it in single-pass mode
       kwargs["copies_per_pass"] = self.config.maxup.get("copies_per_pass", 0) or None
     if "selection_model" in parameters:
       selection_dtype = self.config.maxup.get("selection_dtype", "")
