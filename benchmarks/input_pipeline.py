@@ -2,17 +2,19 @@
 
 Measures, in one process, images/s of
 
-  pipeline:  tfds (array_record, decoded once into memory) -> shuffled batch
-             -> prefetch thread -> device array -> on-device augmentation
+  pipeline:  tfds (array_record, decoded once into memory) -> grain
+             train_iterator (one gather of the next batch of the epoch's
+             permutation, in the calling thread) -> device array -> on-device
+             augmentation
              (crop + flip + normalise + Cutout, jitted, m copies), blocking on
              the result: everything the training loop does except the step;
   step:      the training step alone on a batch already on the device;
-  loop:      the training loop's own pattern: next batch from the prefetcher,
+  loop:      the training loop's own pattern: next batch from the iterator,
              to_global_array, step; blocking only at the end.
 
 The pipeline is not the bottleneck when pipeline images/s are well above the
 step's (headroom = pipeline / step) and the loop runs as fast as the step
-alone.
+alone. benchmarks/grain_input.py times the input pipeline on its own.
 
   python benchmarks/input_pipeline.py
   python benchmarks/input_pipeline.py --model resnet20 --num_copies 4 --steps 10
@@ -66,7 +68,7 @@ def main(args):
                            dataset_load_and_decode_s=round(load_seconds, 1))
 
   def batches():
-    return input_pipeline.prefetch(input_pipeline.train_batches(dataset, args.batch_size, seed=0))
+    return input_pipeline.train_iterator(dataset, args.batch_size, seed=0)
 
   key = jax.random.key(0)
   with batches() as source:
@@ -80,7 +82,7 @@ def main(args):
     pipeline_seconds = time.perf_counter() - start
   pipeline_rate = args.pipeline_batches * args.batch_size / pipeline_seconds
 
-  rows = [["pipeline (read, batch, prefetch, to device, augment m copies)",
+  rows = [["pipeline (grain batch gather, to device, augment m copies)",
            pipeline_rate, "-", "-"]]
   for m in sorted({1, num_copies}):
     step_fn = steps.train_step(m)

@@ -28,6 +28,9 @@ def get_config(arg: str = "resnet50,maxup"):
   config.model = model
   config.batch_size = 256
   config.eval_batch_size = 250
+  # Decoding and random-resized-cropping 256 JPEGs a step is CPU-heavy: decode
+  # in worker processes (fewer on hosts with fewer cores).
+  config.input_workers = 8
   config.num_epochs = 20
   config.learning_rate = 1e-5
   config.lr_schedule = "constant"

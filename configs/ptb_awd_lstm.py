@@ -38,6 +38,7 @@ def get_config():
   config.model.weight_dropout = 0.5  # wdrop (DropConnect on hidden-to-hidden weights).
 
   config.num_devices = 1  # Streams are split over devices; 0 = every device.
+  config.expected_device_count = 0  # > 0: fail unless the run sees exactly this many devices.
   config.batch_size = 20  # Parallel streams.
   config.eval_batch_size = 10
   config.test_batch_size = 1
@@ -88,4 +89,6 @@ def get_config():
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  config.nonfinite = "stop"  # A NaN/inf loss: "stop" (naming the step) or "skip" the update.
+  config.profile_steps = 0  # > 0: jax.profiler trace of that many steps in workdir/profile.
   return config

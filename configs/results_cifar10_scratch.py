@@ -5,16 +5,17 @@
 MaxUp is a regulariser, so this experiment trains where there is something
 to regularise: the baseline ends at >= 95% top-1 on its (un-augmented)
 training images, well above its test accuracy. The model is a narrow
-airbench network (widths 32/64/128, 0.3M parameters), which on a 2-core CPU
+airbench network (widths 32/64/128, 295k parameters), which on a 2-core CPU
 trains 2.5x as many images per second as ResNet-20 at the same parameter
 count, on the first 2,500 CIFAR-10 training images, scored on all 10,000
-test images. (On 5,000 images for 40 epochs, the same number of steps, the
-baseline fitted only 91.9% of them: 77.2% test top-1.) Everything but M is
-shared: 80 epochs of batch 128 (1,600 steps), SGD with Nesterov momentum
-0.9, lr linearly warmed up over 1 epoch to 0.1 then cosine to 0, weight
-decay 5e-4, crop + flip then Cutout 16; MaxUp starts after 2 epochs of
-standard augmentation (the paper's 5 of 200). Every 10 epochs the 2,500
-training images are also scored un-augmented (`train_clean`). Seeds by `--config.seed`; the same-time baseline is M=1
+test images. (On 5,000 images for 40 epochs, about the same number of
+steps, the baseline fitted only 91.9% of them: 77.2% test top-1.)
+Everything but M is shared: 80 epochs of batch 128 (19 steps each, 1,520 in
+all), SGD with Nesterov momentum 0.9, lr linearly warmed up over 1 epoch to
+0.1 then cosine to 0, weight decay 5e-4, crop + flip then Cutout 16; MaxUp
+starts after 2 epochs of standard augmentation (the paper's 5 of 200). Every
+10 epochs the 2,500 training images are also scored un-augmented
+(`train_clean`). Seeds by `--config.seed`; the same-time baseline is M=1
 with `--config.num_epochs` from `results/equal_time.py`.
 """
 

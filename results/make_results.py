@@ -47,8 +47,15 @@ MNIST_RUNS = (("m1", "Gaussian augmentation (m=1)", "1"), ("m5", "MaxUp+Gauss, m
               ("m1_equal_time", "Gaussian aug., MaxUp's wall-clock time", "1"))
 PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
             ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
+SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
+                ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
+SCRATCH_ABLATION_RUNS = (("m1", "1", "1"), ("m2", "2", "2"), ("m4", "4", "4"), ("m10", "10", "10"))
+FINETUNE_AUGMENTATIONS = ("cutout", "cutmix")
 CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
-                "ptb": "configs/results_ptb.py"}
+                "ptb": "configs/results_ptb.py",
+                "cifar10_scratch": "configs/results_cifar10_scratch.py",
+                **{f"cifar10_finetune_{aug}": "configs/results_cifar10_finetune.py"
+                   for aug in FINETUNE_AUGMENTATIONS}}
 
 
 # ---------------------------------------------------------------------------
@@ -101,6 +108,11 @@ def summary(run: Path) -> dict:
   return [r for r in read_records(run) if r["split"] == "summary"][-1]
 
 
+def wall_seconds(run: Path) -> float:
+  """The run's wall time: a run resumed after a stop wrote one summary per part."""
+  return sum(r["seconds"] for r in read_records(run) if r["split"] == "summary")
+
+
 def config_of(run: Path) -> dict:
   return json.loads((run / "config.json").read_text())
 
@@ -150,7 +162,11 @@ def commands_block(experiment: str, specs) -> str:
 
 
 def minutes(runs) -> str:
-  return mean_std([summary(r)["seconds"] / 60 for r in runs], digits=1)
+  return mean_std([wall_seconds(r) / 60 for r in runs], digits=1)
+
+
+def per_seed(values, scale: float = 1.0, digits: int = 2) -> str:
+  return " / ".join(f"{v * scale:.{digits}f}" for v in values)
 
 
 def forward_passes(num_copies: int) -> str:
@@ -162,10 +178,11 @@ def forward_passes(num_copies: int) -> str:
 # Tables.
 
 
-def cifar_table() -> str:
+def image_table(experiment: str, specs) -> str:
+  """Test and clean-train top-1 of each method of an image experiment, over seeds."""
   rows = []
-  for prefix, label, _ in CIFAR_RUNS:
-    runs = seed_runs("cifar10", prefix)
+  for prefix, label, _ in specs:
+    runs = seed_runs(experiment, prefix)
     if not runs:
       continue
     config = config_of(runs[0])
@@ -173,14 +190,18 @@ def cifar_table() -> str:
     final_test = [summary(r)["final_top1"] for r in runs]
     rows.append([
         label, str(len(runs)), f"{config['num_epochs']:g}",
-        forward_passes(config["maxup"]["num_copies"]),
-        mean_std(final_test, 100), mean_std([summary(r)["best_top1"] for r in runs], 100),
-        mean_std(final_train, 100),
-        mean_std(np.subtract(final_train, final_test), 100), minutes(runs)])
+        forward_passes(config["maxup"]["num_copies"]), mean_std(final_test, 100),
+        per_seed(final_test, 100), mean_std([summary(r)["best_top1"] for r in runs], 100),
+        mean_std(final_train, 100), mean_std(np.subtract(final_train, final_test), 100),
+        minutes(runs)])
   header = ["method", "seeds", "epochs", "passes per example and step (after warm-up)",
-            "test top-1 % (final)", "test top-1 % (best of 5-epoch evals)",
+            "test top-1 % (final)", "by seed (0 / 1 / 2)", "test top-1 % (best of the evals)",
             "train top-1 % (clean, final)", "train - test gap (points)", "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + commands_block("cifar10", CIFAR_RUNS)
+  return markdown_table(header, rows) + "\n\n" + commands_block(experiment, specs)
+
+
+def cifar_table() -> str:
+  return image_table("cifar10", CIFAR_RUNS)
 
 
 def cifar_ablation_table() -> str:
@@ -197,6 +218,54 @@ def cifar_ablation_table() -> str:
   header = ["m", "seeds", "test top-1 %", "train top-1 % (clean)",
             "training loss (worst copy, last 16 steps)", "images/s", "wall time (min)"]
   return markdown_table(header, rows)
+
+
+def scratch_table() -> str:
+  """Experiment 6: CIFAR-10 from scratch, a baseline that fits its training images."""
+  return image_table("cifar10_scratch", SCRATCH_RUNS)
+
+
+def scratch_ablation_table() -> str:
+  """Experiment 6b: m = 1, 2, 4, 10 in experiment 6's regime."""
+  rows = []
+  for prefix, _, arg in SCRATCH_ABLATION_RUNS:
+    runs = seed_runs("cifar10_scratch", prefix)
+    if not runs:
+      continue
+    final_test = [summary(r)["final_top1"] for r in runs]
+    rows.append([arg, str(len(runs)), mean_std(final_test, 100), per_seed(final_test, 100),
+                 mean_std([series(r, "train_clean", "top1")[1][-1] for r in runs], 100),
+                 minutes(runs)])
+  header = ["m", "seeds", "test top-1 %", "by seed", "train top-1 % (clean)", "wall time (min)"]
+  return markdown_table(header, rows)
+
+
+def finetune_table() -> str:
+  """Experiment 7: fine-tuning experiment 6's seed-0 baseline, as the paper does on ImageNet."""
+  rows, blocks = [], []
+  for aug in FINETUNE_AUGMENTATIONS:
+    experiment = f"cifar10_finetune_{aug}"
+    specs = [(prefix, label.replace("Cutout", aug.capitalize()), f"{aug},{arg}")
+             for prefix, label, arg in SCRATCH_RUNS]
+    for prefix, label, _ in specs:
+      runs = seed_runs(experiment, prefix)
+      if not runs:
+        continue
+      config = config_of(runs[0])
+      before = summary(LOGS / "cifar10_scratch" / Path(config["init_checkpoint"]).name)
+      after = [summary(r)["final_top1"] for r in runs]
+      rows.append([
+          label, str(len(runs)), f"{config['num_epochs']:g}",
+          f"{before['final_top1'] * 100:.2f}", mean_std(after, 100), per_seed(after, 100),
+          mean_std(np.subtract(after, before["final_top1"]), 100),
+          mean_std([series(r, "train_clean", "top1")[1][-1] for r in runs], 100),
+          minutes(runs)])
+    if any(seed_runs(experiment, prefix) for prefix, _, _ in specs):
+      blocks.append(commands_block(experiment, specs))
+  header = ["method", "fine-tuning seeds", "epochs", "test top-1 % before",
+            "test top-1 % after (final)", "after, by seed (0 / 1 / 2)", "change (points)",
+            "train top-1 % (clean, after)", "wall time (min)"]
+  return markdown_table(header, rows) + "\n\n" + "\n\n".join(blocks)
 
 
 def ptb_table() -> str:

@@ -83,7 +83,7 @@ measured_equal_time() {  # measured_equal_time DIR CONFIG:ARG UNIT
   "$PYTHON" results/equal_time.py --config "$2" --unit "$3" --out "$1/equal_time.json"
 }
 
-# Experiment 6: from scratch until the baseline fits its 5,000 images.
+# Experiment 6: from scratch until the baseline fits its 2,500 images.
 scratch() {
   local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py equal seed m
   equal=$(measured_equal_time "$dir" "$config:4" 1)

@@ -1,19 +1,23 @@
-"""Tests for trainer.input_pipeline: loading, ordering, sharding and prefetch."""
+"""Tests for trainer.input_pipeline (loading, order, sharding, grain iterator state and workers)
+and trainer.checkpointing (the input state in checkpoints, both checkpoint layouts)."""
 
-import gc
 import io
 import itertools
+import json
+import os
 from pathlib import Path
-import threading
 
+import grain
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from trainer import input_pipeline
+from trainer import checkpointing, input_pipeline
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'tfds'
 needs_real_data = pytest.mark.skipif(
@@ -115,14 +119,21 @@ def test_eval_covers_all_cifar10_test_images(cached_test_splits):
 @needs_real_data
 def test_real_train_batches():
   train = input_pipeline.load_dataset('cifar10', 'train', TFDS_DIR, num_examples=96)
-  batch = next(
-      input_pipeline.train_batches(train, 32, seed=0, process_count=1, process_index=0)
-  )
+  batches = list(itertools.islice(_train(train, 32, seed=0), 4))
+  batch = batches[0]
   assert batch['image'].shape == (32, 32, 32, 3)
   assert batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32
-  order = input_pipeline.epoch_permutation(96, seed=0, epoch=0)[:32]
-  np.testing.assert_array_equal(batch['image'], train.images[order])
+  # Every batch holds images of the dataset.
+  rows = {image.tobytes() for image in train.images}
+  assert all(image.tobytes() in rows for image in batch['image'])
+  # The tfds source, read example by example in a worker process (which gets
+  # a pickled copy of it), gives the batches that the cached arrays give.
+  uncached = input_pipeline.load_dataset('cifar10', 'train', TFDS_DIR, cache=False)
+  with input_pipeline.train_iterator(
+      uncached, 32, seed=0, num_examples=96, num_workers=1, process_count=1, process_index=0
+  ) as from_source:
+    _assert_same_batches(list(itertools.islice(from_source, 4)), batches)
 
 
 @needs_real_data
@@ -164,22 +175,39 @@ def test_unknown_split_and_bad_subset():
 
 def test_bad_batch_and_process_arguments():
   dataset = _index_dataset(30)
+
+  def train(global_batch_size=10, **kwargs):
+    kwargs = {'seed': 0, 'process_count': 1, 'process_index': 0, **kwargs}
+    return input_pipeline.train_iterator(dataset, global_batch_size, **kwargs)
+
   with pytest.raises(ValueError, match='divisible'):
-    input_pipeline.train_batches(dataset, 10, seed=0, process_count=3, process_index=0)
+    train(process_count=3)
   with pytest.raises(ValueError, match='process_index'):
     input_pipeline.eval_batches(dataset, 10, process_count=2, process_index=2)
+  with pytest.raises(ValueError, match='process_index'):
+    train(process_count=2, process_index=2)
   with pytest.raises(ValueError, match='exceeds'):
-    input_pipeline.train_batches(dataset, 32, seed=0, process_count=1, process_index=0)
+    train(32)
   with pytest.raises(ValueError, match='seed'):
-    input_pipeline.train_batches(dataset, 10, seed=-1, process_count=1, process_index=0)
+    train(seed=-1)
   with pytest.raises(ValueError, match='num_examples'):
-    input_pipeline.train_batches(
-        dataset, 10, seed=0, num_examples=31, process_count=1, process_index=0
+    train(num_examples=31)
+  with pytest.raises(ValueError, match='num_workers'):
+    train(num_workers=-1)
+  with pytest.raises(ValueError, match='num_threads'):
+    train(num_threads=-1)
+  # Decoded datasets need at least one decoding thread; cached ones may
+  # gather in the caller's thread.
+  _, jpegs = _jpeg_dataset()
+  with pytest.raises(ValueError, match='num_threads must be a positive integer, got 0'):
+    input_pipeline.train_iterator(
+        jpegs, 4, seed=0, process_count=1, process_index=0, num_threads=0
     )
-  with pytest.raises(ValueError, match='start_step'):
-    input_pipeline.train_batches(
-        dataset, 10, seed=0, start_step=-5, process_count=1, process_index=0
-    )
+  train(num_threads=0).close()
+  with pytest.raises(ValueError, match='seed'):
+    input_pipeline.epoch_permutation(10, -1, 0)
+  with pytest.raises(ValueError, match='epoch'):
+    input_pipeline.epoch_permutation(10, 0, 1.5)
 
 
 # ----------------------------------------------------------------------------
@@ -187,21 +215,31 @@ def test_bad_batch_and_process_arguments():
 # ----------------------------------------------------------------------------
 
 
-def _train(dataset, global_batch_size, seed, start_step=0, process_index=0, process_count=1):
-  return input_pipeline.train_batches(
+def _train(dataset, global_batch_size, seed, process_index=0, process_count=1, **kwargs):
+  return input_pipeline.train_iterator(
       dataset,
       global_batch_size,
       seed=seed,
-      start_step=start_step,
       process_index=process_index,
       process_count=process_count,
+      **kwargs,
   )
+
+
+def _assert_same_batches(actual, expected):
+  assert len(actual) == len(expected)
+  for a, b in zip(actual, expected):
+    assert set(a) == set(b) == {'image', 'label'}
+    for key in b:
+      assert a[key].dtype == b[key].dtype
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_each_epoch_is_a_permutation():
   dataset = _index_dataset(103)  # 10 full batches of 10; 3 dropped per epoch
   epochs = list(itertools.islice(_train(dataset, 10, seed=7), 30))
   assert all(batch['label'].shape == (10,) for batch in epochs)
+  assert all(batch['label'].dtype == np.int32 for batch in epochs)
   per_epoch = [np.concatenate(_labels(epochs[i : i + 10])) for i in (0, 10, 20)]
   for labels in per_epoch:
     assert len(np.unique(labels)) == 100
@@ -209,9 +247,10 @@ def test_each_epoch_is_a_permutation():
   # Each image is the one of its label.
   batch = epochs[0]
   np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batch['label'] % 256)
-  # Epochs are shuffled differently.
+  # Epochs are shuffled differently, and drop different examples.
   assert not np.array_equal(per_epoch[0], per_epoch[1])
   assert not np.array_equal(per_epoch[1], per_epoch[2])
+  assert len({tuple(np.setdiff1d(np.arange(103), labels)) for labels in per_epoch}) > 1
 
 
 def test_order_is_fixed_by_seed():
@@ -221,25 +260,95 @@ def test_order_is_fixed_by_seed():
   other = np.concatenate(_labels(itertools.islice(_train(dataset, 10, seed=2), 20)))
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, other)
+  # Seed and epoch seed the permutation together (SeedSequence([seed,
+  # epoch])): the second epoch of seed 1 is not the first of seed 2.
+  assert not np.array_equal(first[100:], other[:100])
+
+
+def _old_formula_labels(num_examples, global_batch_size, seed, num_steps):
+  """Global batches [num_steps, B] of the pipeline before grain, for the index dataset."""
+  steps = input_pipeline.steps_per_epoch(num_examples, global_batch_size)
+  batches = []
+  for step in range(num_steps):
+    epoch, step_in_epoch = divmod(step, steps)
+    permutation = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(
+        num_examples
+    )
+    start = step_in_epoch * global_batch_size
+    batches.append(permutation[start : start + global_batch_size])
+  return np.stack(batches)
+
+
+def test_epoch_permutation_is_the_old_one():
+  for seed, epoch in [(0, 0), (3, 7)]:
+    np.testing.assert_array_equal(
+        input_pipeline.epoch_permutation(50, seed, epoch),
+        np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(50),
+    )
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_batches_follow_the_old_order(process_count):
+  # 53 examples, batches of 8: 6 steps per epoch, 5 examples dropped; 14
+  # steps cross two epoch boundaries.
+  dataset = _index_dataset(53)
+  expected = _old_formula_labels(53, 8, seed=11, num_steps=14)
+  per_process = [
+      list(itertools.islice(_train(dataset, 8, seed=11, process_index=p,
+                                   process_count=process_count), 14))
+      for p in range(process_count)
+  ]
+  for step in range(14):
+    labels = np.concatenate([batches[step]['label'] for batches in per_process])
+    np.testing.assert_array_equal(labels, expected[step])
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_resume_follows_the_old_order(num_workers):
+  dataset = _index_dataset(53)
+  expected = _old_formula_labels(53, 8, seed=11, num_steps=14)
+  with _train(dataset, 8, seed=11, num_workers=num_workers) as batches:
+    taken = list(itertools.islice(batches, 5))
+    state = batches.get_state()
+  np.testing.assert_array_equal(np.stack(_labels(taken)), expected[:5])
+  assert state == {'step': 5, 'seed': 11, 'global_batch_size': 8, 'num_examples': 53}
+  # Resumed with this number of workers, past the epoch boundary at step 6.
+  with _train(dataset, 8, seed=11, num_workers=num_workers) as resumed:
+    resumed.set_state(state)
+    np.testing.assert_array_equal(
+        np.stack(_labels(itertools.islice(resumed, 9))), expected[5:]
+    )
+    assert resumed.get_state()['step'] == 14
+
+
+def test_background_read_threads_give_the_same_batches():
+  dataset = _index_dataset(53)
+  expected = _old_formula_labels(53, 8, seed=11, num_steps=14)
+  for num_threads in (1, 3):
+    with _train(dataset, 8, seed=11, num_threads=num_threads) as batches:
+      np.testing.assert_array_equal(
+          np.stack(_labels(itertools.islice(batches, 14))), expected
+      )
 
 
 @pytest.mark.parametrize('start_step', [1, 9, 10, 11, 23])
 def test_resume_matches_uninterrupted_run(start_step):
   dataset = _index_dataset(107)  # 10 steps per epoch
   uninterrupted = list(itertools.islice(_train(dataset, 10, seed=3), 30))
-  resumed = list(
-      itertools.islice(_train(dataset, 10, seed=3, start_step=start_step), 30 - start_step)
-  )
-  assert len(resumed) == 30 - start_step
-  for expected, actual in zip(uninterrupted[start_step:], resumed):
-    np.testing.assert_array_equal(actual['label'], expected['label'])
-    np.testing.assert_array_equal(actual['image'], expected['image'])
+  interrupted = _train(dataset, 10, seed=3)
+  _assert_same_batches(list(itertools.islice(interrupted, start_step)), uninterrupted[:start_step])
+  state = interrupted.get_state()
+  assert state == {'step': start_step, 'seed': 3, 'global_batch_size': 10, 'num_examples': 107}
+  resumed = _train(dataset, 10, seed=3)
+  resumed.set_state(json.loads(json.dumps(state)))  # As saved in a checkpoint.
+  assert resumed.step == start_step
+  _assert_same_batches(list(itertools.islice(resumed, 30 - start_step)), uninterrupted[start_step:])
+  # The interrupted iterator carries on as well.
+  _assert_same_batches([next(interrupted)], uninterrupted[start_step : start_step + 1])
 
 
 def test_training_subset_is_the_first_examples():
-  subset_batches = input_pipeline.train_batches(
-      _index_dataset(100), 10, seed=4, num_examples=50, process_count=1, process_index=0
-  )
+  subset_batches = _train(_index_dataset(100), 10, seed=4, num_examples=50)
   labels = np.concatenate(_labels(itertools.islice(subset_batches, 10)))
   # Two epochs over examples 0..49, each a permutation.
   np.testing.assert_array_equal(np.sort(labels[:50]), np.arange(50))
@@ -249,21 +358,60 @@ def test_training_subset_is_the_first_examples():
   np.testing.assert_array_equal(labels, small)
 
 
-def test_process_slices_concatenate_to_global_batch():
-  dataset = _index_dataset(64)
-  single = list(itertools.islice(_train(dataset, 16, seed=5), 8))
+@pytest.mark.parametrize('process_count', [1, 2, 4])
+def test_process_slices_concatenate_to_global_batch(process_count):
+  dataset = _index_dataset(70)  # 4 steps of 16 per epoch; 6 dropped
+  single = list(itertools.islice(_train(dataset, 16, seed=5), 9))
   per_process = [
-      list(itertools.islice(_train(dataset, 16, seed=5, process_index=p, process_count=2), 8))
-      for p in range(2)
+      list(itertools.islice(_train(dataset, 16, seed=5, process_index=p,
+                                   process_count=process_count), 9))
+      for p in range(process_count)
   ]
   for step, batch in enumerate(single):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(
-          np.concatenate([per_process[0][step][key], per_process[1][step][key]]),
-          batch[key],
+          np.concatenate([batches[step][key] for batches in per_process]), batch[key]
       )
-  assert per_process[0][0]['label'].shape == (8,)
+  assert per_process[0][0]['label'].shape == (16 // process_count,)
 
+
+class _RecordingSource:
+  """A random-access source of decoded examples that records what is read."""
+
+  def __init__(self, num_examples, image_shape=(4, 4, 1)):
+    self.image_shape = image_shape
+    self.num_examples = num_examples
+    self.read = []
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index):
+    self.read.append(index)
+    return {'image': np.full(self.image_shape, index % 256, np.uint8), 'label': index}
+
+
+def test_each_process_reads_only_its_share():
+  source = _RecordingSource(128)  # 8 steps of 16 per epoch
+  dataset = input_pipeline.ImageDataset(
+      name='recorded', split='train', num_examples=128, image_shape=(4, 4, 1),
+      num_classes=128, source=source,
+  )
+  # Same length and seed, so the same order as the cached index dataset.
+  single = list(itertools.islice(_train(_index_dataset(128), 16, seed=5), 8))
+  with _train(dataset, 16, seed=5, process_index=1, process_count=2) as batches:
+    taken = list(itertools.islice(batches, 3))
+  for step, batch in enumerate(taken):
+    np.testing.assert_array_equal(batch['label'], single[step]['label'][8:])
+    np.testing.assert_array_equal(batch['image'], single[step]['image'][8:])
+  # Reading ahead included, process 1 read only examples of its halves.
+  own = set(np.concatenate([batch['label'][8:] for batch in single]).tolist())
+  assert set(source.read) <= own
+  assert len(source.read) == len(set(source.read)) >= 3 * 8
+
+
+def test_eval_process_slices_concatenate_to_global_batch():
+  dataset = _index_dataset(64)
   single_eval = list(input_pipeline.eval_batches(dataset, 24, process_count=1, process_index=0))
   eval_slices = [
       list(input_pipeline.eval_batches(dataset, 24, process_count=2, process_index=p))
@@ -302,68 +450,66 @@ def test_eval_pads_last_batch_with_mask():
 
 
 # ----------------------------------------------------------------------------
-# Prefetch.
+# Iterator state and worker processes.
 # ----------------------------------------------------------------------------
 
 
-def test_prefetch_yields_items_in_order():
-  with input_pipeline.prefetch(iter(range(10)), buffer_size=3) as prefetcher:
-    assert list(prefetcher) == list(range(10))
-  assert not prefetcher.thread.is_alive()
+def test_state_is_the_same_in_every_process_and_resumes_another_process_count():
+  dataset = _index_dataset(64)
+  single = list(itertools.islice(_train(dataset, 16, seed=6), 6))
+  two = [_train(dataset, 16, seed=6, process_index=p, process_count=2) for p in range(2)]
+  for batches in two:
+    list(itertools.islice(batches, 3))
+  state = two[0].get_state()
+  assert two[1].get_state() == state
+  assert state['step'] == 3
+  # A run saved by two processes resumes with four.
+  four = [_train(dataset, 16, seed=6, process_index=p, process_count=4) for p in range(4)]
+  for batches in four:
+    batches.set_state(state)
+  for step in range(3, 6):
+    np.testing.assert_array_equal(
+        np.concatenate([next(batches)['label'] for batches in four]), single[step]['label']
+    )
 
 
-def test_prefetch_propagates_worker_exception():
-  def failing():
-    yield 1
-    yield 2
-    raise KeyError('broken record')
-
-  prefetcher = input_pipeline.prefetch(failing())
-  assert next(prefetcher) == 1
-  assert next(prefetcher) == 2
-  with pytest.raises(KeyError, match='broken record'):
-    next(prefetcher)
-  prefetcher.thread.join(timeout=5)
-  assert not prefetcher.thread.is_alive()
-  with pytest.raises(StopIteration):
-    next(prefetcher)
+def test_state_of_another_run_is_rejected():
+  dataset = _index_dataset(64)
+  state = _train(dataset, 16, seed=6).get_state()
+  with pytest.raises(ValueError, match="seed': 6.*seed': 7"):
+    _train(dataset, 16, seed=7).set_state(state)
+  with pytest.raises(ValueError, match='global_batch_size'):
+    _train(dataset, 8, seed=6).set_state(state)
+  with pytest.raises(ValueError, match='num_examples'):
+    _train(dataset, 16, seed=6, num_examples=32).set_state(state)
+  with pytest.raises(ValueError, match='Not a TrainIterator state'):
+    _train(dataset, 16, seed=6).set_state({'next_index': 3})
+  with pytest.raises(ValueError, match='step'):
+    _train(dataset, 16, seed=6).set_state({**state, 'step': -1})
 
 
-def test_prefetch_close_stops_thread_and_closes_source():
-  closed = threading.Event()
-
-  def endless():
-    try:
-      yield from itertools.count()
-    finally:
-      closed.set()
-
-  prefetcher = input_pipeline.prefetch(endless(), buffer_size=2)
-  assert [next(prefetcher) for _ in range(3)] == [0, 1, 2]
-  prefetcher.close()
-  assert not prefetcher.thread.is_alive()
-  assert closed.is_set()
-  with pytest.raises(StopIteration):
-    next(prefetcher)
+def test_closed_iterator_raises():
+  with _train(_index_dataset(20), 4, seed=0) as batches:
+    next(batches)
+  with pytest.raises(ValueError, match='closed'):
+    next(batches)
+  assert isinstance(batches, grain.DatasetIterator)
 
 
-def test_prefetch_stops_when_garbage_collected():
-  prefetcher = input_pipeline.prefetch(itertools.count())
-  next(prefetcher)
-  thread = prefetcher.thread
-  del prefetcher
-  gc.collect()
-  thread.join(timeout=5)
-  assert not thread.is_alive()
-
-
-def test_prefetched_train_batches():
-  dataset = _index_dataset(40)
-  expected = list(itertools.islice(_train(dataset, 8, seed=0), 7))
-  with input_pipeline.prefetch(_train(dataset, 8, seed=0)) as prefetcher:
-    actual = list(itertools.islice(prefetcher, 7))
-  for a, b in zip(actual, expected):
-    np.testing.assert_array_equal(a['label'], b['label'])
+def test_worker_processes_give_the_same_batches_and_resume():
+  # 10 JPEGs, 2 steps per epoch: 6 steps cover 3 epochs.
+  _, dataset = _jpeg_dataset()
+  in_process = list(itertools.islice(_train(dataset, 4, seed=0), 6))
+  with _train(dataset, 4, seed=0, num_workers=2) as workers:
+    _assert_same_batches(list(itertools.islice(workers, 3)), in_process[:3])
+    state = workers.get_state()
+  # The state does not depend on the number of workers.
+  with _train(dataset, 4, seed=0, num_workers=2) as resumed:
+    resumed.set_state(state)
+    _assert_same_batches(list(itertools.islice(resumed, 3)), in_process[3:])
+  resumed_in_process = _train(dataset, 4, seed=0)
+  resumed_in_process.set_state(state)
+  _assert_same_batches(list(itertools.islice(resumed_in_process, 3)), in_process[3:])
 
 
 # ----------------------------------------------------------------------------
@@ -492,50 +638,176 @@ def test_decode_converts_to_rgb(image_format, mode):
   assert output.shape == (24, 24, 3) and output.dtype == np.uint8
 
 
-def test_cropped_dataset_batches():
+def _jpeg_dataset(num_examples=10):
+  """Encoded JPEGs of assorted sizes with label = example index, cropped to 16x16."""
   rng = np.random.default_rng(0)
   records = [
       {
           'image': _encode(
               rng.integers(0, 256, (40 + 3 * i, 60 - 2 * i, 3), dtype=np.uint8), 'JPEG'
           ),
-          'label': i % 3,
+          'label': i,
       }
-      for i in range(10)
+      for i in range(num_examples)
   ]
   dataset = input_pipeline.ImageDataset(
       name='fake_imagenet',
       split='train',
       num_examples=len(records),
       image_shape=(16, 16, 3),
-      num_classes=3,
+      num_classes=num_examples,
       source=records,
       crop_size=16,
       num_threads=2,
   )
-  train = list(itertools.islice(_train(dataset, 4, seed=0), 3))
-  again = list(itertools.islice(_train(dataset, 4, seed=0), 3))
+  return records, dataset
+
+
+def _crops_by_example(batches):
+  """{example index: [its crops in stream order]}."""
+  crops = {}
+  for batch in batches:
+    for image, label in zip(batch['image'], batch['label']):
+      crops.setdefault(int(label), []).append(image)
+  return crops
+
+
+def test_cropped_dataset_batches():
+  records, dataset = _jpeg_dataset()
+  train = list(itertools.islice(_train(dataset, 4, seed=0), 6))
+  again = list(itertools.islice(_train(dataset, 4, seed=0), 6))
   halves = [
-      list(itertools.islice(_train(dataset, 4, seed=0, process_index=p, process_count=2), 3))
+      list(itertools.islice(_train(dataset, 4, seed=0, process_index=p, process_count=2), 6))
       for p in range(2)
   ]
+  _assert_same_batches(train, again)
   for step, batch in enumerate(train):
-    assert batch['image'].shape == (4, 16, 16, 3)
-    np.testing.assert_array_equal(batch['image'], again[step]['image'])
-    np.testing.assert_array_equal(
-        np.concatenate([halves[0][step]['image'], halves[1][step]['image']]),
-        batch['image'],
-    )
-  # The next epoch crops the same examples differently.
-  epoch_0 = input_pipeline.epoch_permutation(10, 0, 0)[:4]
-  next_epoch = dataset.get_batch(epoch_0, crop_seed=(0, 1))
-  assert not np.array_equal(next_epoch['image'], train[0]['image'])
+    assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
+    assert batch['label'].dtype == np.int32
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key]
+      )
+  # The crop of example i in epoch e is drawn from SeedSequence([seed, e, i]):
+  # an example seen again in a later epoch is cropped anew, and another seed
+  # crops it differently.
+  steps = input_pipeline.steps_per_epoch(len(records), 4)
+  for step, batch in enumerate(train):
+    for image, label in zip(batch['image'], batch['label']):
+      rng = np.random.default_rng(np.random.SeedSequence([0, step // steps, int(label)]))
+      np.testing.assert_array_equal(
+          image, input_pipeline.decode_and_random_crop(records[label]['image'], 16, rng)
+      )
+  crops = _crops_by_example(train)
+  repeated = [crops[e] for e in crops if len(crops[e]) > 1]
+  assert repeated
+  assert all(not np.array_equal(c[0], c[1]) for c in repeated)
+  other_seed = _crops_by_example(itertools.islice(_train(dataset, 4, seed=1), 6))
+  common = set(crops) & set(other_seed)
+  assert common
+  assert all(not np.array_equal(crops[e][0], other_seed[e][0]) for e in common)
 
   eval_batch = next(input_pipeline.eval_batches(dataset, 4, process_count=1, process_index=0))
-  np.testing.assert_array_equal(eval_batch['label'], [0, 1, 2, 0])
+  np.testing.assert_array_equal(eval_batch['label'], [0, 1, 2, 3])
   np.testing.assert_array_equal(
       eval_batch['image'][1],
       input_pipeline.decode_and_center_crop(records[1]['image'], 16),
   )
   with pytest.raises(ValueError, match='cannot be cached'):
     dataset.cache()
+
+
+# ----------------------------------------------------------------------------
+# The input state in checkpoints (trainer/checkpointing.py).
+# ----------------------------------------------------------------------------
+
+
+def _train_state(step):
+  return {'params': {'w': jnp.arange(3.0) + step}, 'step': jnp.asarray(step, jnp.int32)}
+
+
+def _assert_same_state(actual, expected):
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+def test_input_state_round_trips_through_checkpoints(tmp_path):
+  dataset = _index_dataset(50)  # 5 steps per epoch
+  reference = list(itertools.islice(_train(dataset, 10, seed=0), 12))
+  manager = checkpointing.create_manager(str(tmp_path))
+  batches = _train(dataset, 10, seed=0)
+  _assert_same_batches(list(itertools.islice(batches, 7)), reference[:7])
+  checkpointing.save(manager, 7, _train_state(7), batches)
+  next(batches)  # The saved input state was taken at save time.
+  manager.wait_until_finished()
+  manager.close()
+  step_dir = tmp_path / 'checkpoints' / '7'
+  assert {'state', 'data_iterator'} <= set(os.listdir(step_dir))
+  saved = json.loads((step_dir / 'data_iterator' / 'process_0-of-1.json').read_text())
+  assert saved == {'step': 7, 'seed': 0, 'global_batch_size': 10, 'num_examples': 50}
+
+  manager = checkpointing.create_manager(str(tmp_path))
+  resumed = _train(dataset, 10, seed=0)
+  restored = checkpointing.restore_latest(manager, _train_state(0), resumed)
+  _assert_same_state(restored, _train_state(7))
+  assert resumed.step == 7
+  # Across the epoch boundary at step 10.
+  _assert_same_batches(list(itertools.islice(resumed, 5)), reference[7:12])
+  _assert_same_state(checkpointing.load_arrays(str(tmp_path)), _train_state(7))
+  # Another run's iterator (here: another seed) is rejected.
+  with pytest.raises(ValueError, match="seed': 0.*seed': 1"):
+    checkpointing.restore_latest(manager, _train_state(0), _train(dataset, 10, seed=1))
+
+  # Saved by two processes, restored by one: grain's handler reads only its
+  # own process's file, and any process's state will do.
+  iterator_dir = step_dir / 'data_iterator'
+  for index in range(2):
+    (iterator_dir / f'process_{index}-of-2.json').write_text(json.dumps(saved))
+  (iterator_dir / 'process_0-of-1.json').unlink()
+  resumed = _train(dataset, 10, seed=0)
+  _assert_same_state(checkpointing.restore_latest(manager, _train_state(0), resumed),
+                     _train_state(7))
+  _assert_same_batches([next(resumed)], reference[7:8])
+  (iterator_dir / 'process_1-of-2.json').write_text(json.dumps({**saved, 'step': 6}))
+  with pytest.raises(ValueError, match='different states'):
+    checkpointing.restore_latest(manager, _train_state(0), _train(dataset, 10, seed=0))
+  (iterator_dir / 'process_1-of-2.json').write_text(json.dumps(saved))
+  # Here too, another run's iterator is rejected.
+  with pytest.raises(ValueError, match='seed'):
+    checkpointing.restore_latest(manager, _train_state(0), _train(dataset, 10, seed=1))
+  manager.close()
+
+
+def test_checkpoints_without_input_state_still_restore(tmp_path):
+  # The layout written before the input state was saved: one item, 'default'.
+  legacy = ocp.CheckpointManager(
+      tmp_path / 'checkpoints', options=ocp.CheckpointManagerOptions(create=True)
+  )
+  legacy.save(6, args=ocp.args.StandardSave(_train_state(6)))
+  legacy.wait_until_finished()
+  legacy.close()
+  assert (tmp_path / 'checkpoints' / '6' / 'default').is_dir()
+  _assert_same_state(checkpointing.load_arrays(str(tmp_path)), _train_state(6))
+
+  dataset = _index_dataset(50)
+  reference = list(itertools.islice(_train(dataset, 10, seed=0), 8))
+  manager = checkpointing.create_manager(str(tmp_path))
+  batches = _train(dataset, 10, seed=0)
+  restored = checkpointing.restore_latest(manager, _train_state(0), batches)
+  _assert_same_state(restored, _train_state(6))
+  # The input order is a function of the step: the iterator continues there.
+  assert batches.step == 6
+  _assert_same_batches([next(batches)], reference[6:7])
+
+  # The run goes on in the new layout, in the same folder; both layouts load.
+  checkpointing.save(manager, 7, _train_state(7), batches)
+  checkpointing.save(manager, 8, _train_state(8))  # Without an iterator.
+  manager.wait_until_finished()
+  assert set(os.listdir(tmp_path / 'checkpoints' / '7')) >= {'state', 'data_iterator'}
+  _assert_same_state(checkpointing.load_arrays(str(tmp_path), step=6), _train_state(6))
+  _assert_same_state(checkpointing.load_arrays(str(tmp_path), step=7), _train_state(7))
+  _assert_same_state(checkpointing.restore_latest(manager, _train_state(0)), _train_state(8))
+  # A checkpoint saved without an iterator positions one at its step.
+  batches = _train(dataset, 10, seed=0)
+  checkpointing.restore_latest(manager, _train_state(0), batches)
+  assert batches.step == 8
+  manager.close()

@@ -22,7 +22,7 @@ def test_readme_starts_with_setup_and_test_commands():
   lines = README.read_text().splitlines()
   block = lines[lines.index("```bash") + 1:]
   assert block[0].startswith("./make_venv.sh && ") and "train.py" in block[0]
-  assert block[1] == ".venv/bin/python -m pytest -q"
+  assert block[1] == ".venv/bin/python -m pytest -q -n auto --dist loadfile"
   assert "pip install -q -e '.[dev]'" in (README.parent / "make_venv.sh").read_text()
   ci = (README.parent / ".ci" / "run").read_text()
-  assert "./make_venv.sh" in ci and ".venv/bin/python -m pytest -q" in ci
+  assert "./make_venv.sh" in ci and block[1] in ci

@@ -1,11 +1,14 @@
 """Language-model training on the real PTB in ../shared/text/ptb: NT-ASGD, resume, scores."""
 
 import json
+import signal
 from pathlib import Path
 
 import chex
+import numpy as np
 import pytest
 
+import train_py
 import trainer
 from configs import (ptb_awd_lstm, ptb_awd_lstm_maxup, ptb_small_lstm, shakespeare_char_lstm,
                      wikitext2_awd_lstm, wikitext2_awd_lstm_maxup)
@@ -170,8 +173,8 @@ def test_crash_and_resume_continues_exactly_through_asgd_and_fine_tuning(tmp_pat
 
   real_save, saves = checkpointing.save, []
 
-  def save_then_crash(manager, step, tree):
-    real_save(manager, step, tree)
+  def save_then_crash(manager, step, tree, **kwargs):
+    real_save(manager, step, tree, **kwargs)
     saves.append(step)
     if len(saves) == 7:  # Step 60, mid-way through the second epoch of fine-tuning.
       manager.wait_until_finished()
@@ -192,3 +195,124 @@ def test_crash_and_resume_continues_exactly_through_asgd_and_fine_tuning(tmp_pat
   valid = records(workdir, "valid")
   assert [r["phase"] for r in valid[-5:]] == [0, 0, 0, 1, 1]
   assert valid[3]["averaged"]  # Fine-tuning evaluates the averaged weights.
+
+
+# ---------------------------------------------------------------------------
+# Reliability, as for image training: SIGTERM, NaN/inf, several processes.
+
+
+def resume_config(**overrides):
+  """Slow enough per step (a 2x256 LSTM, 32 streams) that a SIGTERM lands mid-run; 2 epochs."""
+  return quick_config(num_train_tokens=40_000, num_epochs=2, batch_size=32, log_every_steps=5,
+                      checkpoint_every_steps=1000, **{"model.hidden_dim": 256,
+                                                      "model.num_layers": 2,
+                                                      "dynamic_eval.enabled": False,
+                                                      **overrides})
+
+
+def command_line(config):
+  """`--config.K=V` overrides that turn configs/ptb_small_lstm.py into `config`."""
+  default = flatten(ptb_small_lstm.get_config().to_dict())
+  return {k: v for k, v in flatten(config.to_dict()).items() if default.get(k) != v}
+
+
+def flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def final_state(workdir):
+  return checkpointing.load_arrays(str(workdir))["state"]
+
+
+@pytest.fixture(scope="module")
+def resume_reference(tmp_path_factory):
+  """The uninterrupted single-device run the reliability tests compare against."""
+  workdir = tmp_path_factory.mktemp("ptb_reference")
+  return workdir, trainer.run(resume_config(), str(workdir))
+
+
+@needs_ptb
+def test_sigterm_checkpoints_and_exits_then_resumes(resume_reference, tmp_path):
+  reference_dir, reference = resume_reference
+  overrides = command_line(resume_config())
+  proc = train_py.run("configs/ptb_small_lstm.py", tmp_path, overrides)
+  train_py.wait_until(train_py.first_step_logged(tmp_path), [proc])
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "preempted: saved step" in out
+  (saved,) = train_py.saved_steps(tmp_path)
+  assert 5 <= saved < reference["steps"], out
+  assert records(tmp_path, "summary")[-1]["preempted"]
+
+  restart = train_py.run("configs/ptb_small_lstm.py", tmp_path, overrides)
+  out, _ = restart.communicate(timeout=300)
+  assert restart.returncode == 0, out
+  (summary,) = records(tmp_path, "summary")[1:]
+  assert summary["steps"] == reference["steps"] and not summary["preempted"]
+  assert summary["steps_this_run"] == reference["steps"] - saved
+  for key in ("valid_perplexity", "test_perplexity"):
+    assert summary[key] == pytest.approx(reference[key], rel=1e-5), key
+  chex.assert_trees_all_close(final_state(tmp_path), final_state(reference_dir),
+                              rtol=1e-5, atol=1e-6)
+
+
+@needs_ptb
+def test_two_processes_on_loopback_match_one_process(resume_reference, tmp_path):
+  reference_dir, reference = resume_reference
+  overrides = command_line(resume_config(num_devices=0))
+  procs = train_py.run_two_processes("configs/ptb_small_lstm.py", tmp_path, overrides)
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+  assert "summary:" in outputs[0] and "summary:" not in outputs[1]  # Only process 0 reports.
+  two = [r["loss"] for r in records(tmp_path, "train")]
+  one = [r["loss"] for r in records(reference_dir, "train")]
+  np.testing.assert_allclose(two, one, rtol=2e-4)
+  (summary,) = records(tmp_path, "summary")
+  assert summary["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-3)
+  chex.assert_trees_all_close(final_state(tmp_path)["params"],
+                              final_state(reference_dir)["params"], rtol=1e-2, atol=1e-4)
+
+
+@needs_ptb
+def test_nonfinite_loss_stops_naming_the_step_and_the_good_checkpoint(tmp_path):
+  # A learning rate of 1e30 leaves the first step's loss finite and the weights
+  # huge, so the next steps' losses overflow.
+  config = quick_config(learning_rate=1e30, log_every_steps=1, checkpoint_every_steps=1)
+  with pytest.raises(FloatingPointError, match=r"NaN/inf at step (2|3); the newest checkpoint, "
+                     r"step 1 in"):
+    trainer.run(config, str(tmp_path))
+  restored = checkpointing.load_arrays(str(tmp_path))
+  assert int(restored["state"]["step"]) == 1
+  chex.assert_tree_all_finite(restored["state"]["params"])
+
+
+@needs_ptb
+def test_nonfinite_updates_can_be_skipped(tmp_path):
+  config = quick_config(learning_rate=1e30, nonfinite="skip", num_train_tokens=2_000,
+                        **{"dynamic_eval.enabled": False})
+  summary = trainer.run(config, str(tmp_path))
+  assert summary["steps"] == 13
+  assert sum(r["nonfinite"] for r in records(tmp_path, "train")) > 0
+  chex.assert_tree_all_finite(final_state(tmp_path)["params"])
+
+
+def test_preset_device_count_is_checked(tmp_path):
+  with pytest.raises(ValueError, match="expected_device_count=8 but the run has 1 devices"):
+    trainer.run(quick_config(expected_device_count=8), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@needs_ptb
+def test_profile_trace_is_written(tmp_path):
+  config = quick_config(num_train_tokens=2_000, profile_steps=2,
+                        **{"dynamic_eval.enabled": False})
+  trainer.run(config, str(tmp_path))
+  assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace written"

@@ -1,6 +1,6 @@
-"""Image classification with MaxUp: pure train/eval steps and the data-parallel training loop.
+"""Image classification with MaxUp: pure train/eval steps and the task `loop.run` drives.
 
-`train_step` and `eval_step` are pure functions of (state, batch, key); the loop
+`train_step` and `eval_step` are pure functions of (state, batch, key); the task
 jits them over a one-axis `Mesh('data')` holding every device of every
 process. The global batch is sharded along 'data' and parameters are
 replicated, so XLA computes BatchNorm statistics over the global batch
@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from maxup_jax import augment as augment_lib
 from maxup_jax import losses
 from maxup_jax import models
 from maxup_jax.maxup import MODES, maxup_loss
-from trainer import checkpointing, input_pipeline
-from trainer import mesh as mesh_lib
+from trainer import checkpointing, input_pipeline, loop
 from trainer import metrics as metrics_lib
-from trainer import preemption, progress
 
 # Per-channel mean and std of the training images in [0, 1] pixel scale.
 DATASET_STATS = {
@@ -42,7 +37,6 @@ DATASET_STATS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("piecewise", "cosine", "constant")
 EVAL_SPLITS = {"imagenet2012": "validation"}
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 @flax.struct.dataclass
@@ -94,14 +88,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "in one selection pass)")
   check(maxup.selection_dtype in ("",) + tuple(DTYPES),
         f"maxup.selection_dtype={maxup.selection_dtype!r}; valid: '' (= dtype) or {sorted(DTYPES)}")
-  check(config.nonfinite in NONFINITE_POLICIES,
-        f"nonfinite={config.nonfinite!r}; valid: {list(NONFINITE_POLICIES)}")
-  check(config.profile_steps >= 0, f"profile_steps={config.profile_steps}; must be >= 0")
-  if config.expected_device_count:
-    check(config.expected_device_count == num_devices,
-          f"expected_device_count={config.expected_device_count} but the run has {num_devices} "
-          f"devices; the preset's global batch {config.batch_size} assumes "
-          f"{config.batch_size // config.expected_device_count} per device")
   aug = config.augment
   check(aug.gaussian_sigma >= 0, f"augment.gaussian_sigma={aug.gaussian_sigma}; must be >= 0")
   check(aug.cutout_length >= 0, f"augment.cutout_length={aug.cutout_length}; must be >= 0 (0 = off)")
@@ -113,8 +99,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(aug.mixup_alpha >= 0, f"augment.mixup_alpha={aug.mixup_alpha}; must be >= 0 (0 = off)")
   check(not (aug.cutmix_alpha > 0 and aug.mixup_alpha > 0),
         "augment.cutmix_alpha and augment.mixup_alpha are both set; choose one")
-  check(config.checkpoint_every_steps > 0,
-        f"checkpoint_every_steps={config.checkpoint_every_steps}; must be > 0")
   check(config.num_train_examples >= 0,
         f"num_train_examples={config.num_train_examples}; must be >= 0 (0 = all)")
   if config.num_train_examples:
@@ -133,6 +117,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         and config.eval_batch_size % num_devices == 0,
         f"eval_batch_size={config.eval_batch_size!r}; must be a positive multiple of the "
         f"{num_devices} devices")
+  check(isinstance(config.input_workers, int) and config.input_workers >= 0,
+        f"input_workers={config.input_workers!r}; must be an int >= 0 (0 = in this process)")
+  errors += loop.config_errors(config, num_devices)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -235,8 +222,9 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     key: this step's PRNG key (the same on every process).
     selection_model: the model that ranks the copies in two-pass MaxUp, e.g.
       `model` computing in bfloat16; default `model`.
-    skip_nonfinite: a step whose loss or gradient is NaN/inf leaves the state
-      unchanged (but for the step counter) instead of applying the update.
+    skip_nonfinite: a step whose loss, gradient or updated weights hold a
+      NaN/inf leaves the state unchanged (but for the step counter) instead
+      of applying the update.
     copies_per_pass: two-pass only: copies per selection pass (`maxup_loss`);
       None ranks all of them in one pass.
 
@@ -244,7 +232,8 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     (new_state, metrics) with scalar metrics: `loss` (mean worst-copy loss),
     `mean_copy_loss` (mean over all copies, i.e. what plain augmentation
     would report), `accuracy` (on the trained copies), `grad_norm` and
-    `nonfinite` (1.0 if this step's loss or gradient was NaN/inf).
+    `nonfinite` (1.0 if this step's loss, gradient or updated weights hold
+    a NaN/inf).
   """
   images = to_unit_float(batch["image"])
 
@@ -281,7 +270,8 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # An update can overflow the weights while loss and gradient are still finite.
+  finite = loop.all_finite(loss, grad_norm, params)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state)
   if skip_nonfinite:
@@ -348,6 +338,136 @@ def initial_state(model, tx, image_shape, key, replicated) -> TrainState:
   return jax.jit(init, out_shardings=replicated)()
 
 
+class ImageTask(loop.Task):
+  """Image classification as `loop.run` drives it: the recipe of `config`."""
+
+  unit = "images"
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    mesh = loop.create_mesh(config)
+    validate_config(config, mesh.size)
+    self.config, self.workdir = config, workdir
+    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    data_dir = config.data_dir or None
+    self.train_data = input_pipeline.load_dataset(
+        config.dataset, "train", data_dir, num_examples=config.num_train_examples or None)
+    self.test_data = input_pipeline.load_dataset(
+        config.dataset, EVAL_SPLITS.get(config.dataset, "test"), data_dir,
+        num_examples=config.num_eval_examples or None)
+    # The same first examples every time, un-augmented: how well the run fits
+    # what it trains on, and how steep its loss is there.
+    self.train_eval_data = None
+    if config.train_eval_examples:
+      self.train_eval_data = input_pipeline.load_dataset(
+          config.dataset, "train", data_dir, num_examples=config.train_eval_examples)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(
+        self.train_data.num_examples, config.batch_size)
+    self.total_steps = int(config.num_epochs * self.steps_per_epoch)
+    self.warmup_steps = int(config.maxup.warmup_epochs * self.steps_per_epoch)
+    self.eval_every = max(1, int(config.eval_every_epochs * self.steps_per_epoch))
+    num_classes = self.train_data.num_classes
+
+    def build_model(dtype):
+      return models.create_model(config.model, num_classes=num_classes, dtype=DTYPES[dtype],
+                                 remat=config.remat)
+
+    model = build_model(config.dtype)
+    selection_model = None
+    if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
+      selection_model = build_model(config.maxup.selection_dtype)
+    self.schedule = make_schedule(config, self.steps_per_epoch)
+    init_key, self.train_key = jax.random.split(jax.random.key(config.seed))
+    image_shape = self.train_data.image_shape
+    abstract_variables = jax.eval_shape(
+        lambda: model.init(init_key, jnp.zeros((1,) + image_shape), train=False))
+    tx = make_optimizer(config, self.schedule, abstract_variables)
+    self.state = initial_state(model, tx, image_shape, init_key, replicated)
+    if config.init_checkpoint:
+      self.state = _load_pretrained(self.state, config.init_checkpoint, replicated)
+
+    step_kwargs = dict(
+        model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
+        mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
+        copies_per_pass=config.maxup.copies_per_pass or None,
+        selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
+    # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
+    self.step_fns = {
+        m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
+        for m in {1, config.maxup.num_copies}
+    }
+    mean, std = DATASET_STATS[config.dataset]
+    self.eval_fns = {
+        gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
+                                            input_gradient=gradient))
+        for gradient in (False, True)
+    }
+    # Saved with every checkpoint and repositioned by the restore.
+    self.data_iterator = input_pipeline.train_iterator(
+        self.train_data, config.batch_size, seed=config.seed, num_workers=config.input_workers)
+    self.final, self.best_top1 = {}, 0.0
+
+  def checkpoint_tree(self) -> TrainState:
+    return self.state
+
+  def restore(self, tree: TrainState) -> int:
+    self.state = tree
+    start_step = int(tree.step)
+    if start_step:
+      logging.info("Resuming from step %d.", start_step)
+      self.best_top1 = _best_so_far(self.workdir)
+    return start_step
+
+  def finished(self, step: int) -> bool:
+    return step >= self.total_steps
+
+  def num_copies(self, step: int) -> int:
+    return 1 if step < self.warmup_steps else self.config.maxup.num_copies
+
+  def train_step(self, step: int):
+    batch = input_pipeline.to_global_array(next(self.data_iterator), self.data_sharding)
+    self.state, metrics = self.step_fns[self.num_copies(step)](
+        self.state, batch, jax.random.fold_in(self.train_key, step))
+    return metrics, {"images": self.config.batch_size}
+
+  def train_record(self, means: dict, step: int) -> dict:
+    return {**means, "learning_rate": float(self.schedule(step - 1)),
+            "num_copies": self.num_copies(step - 1), "epoch": step / self.steps_per_epoch}
+
+  def evaluate(self, data, input_gradient: bool = False) -> dict:
+    sums = None
+    for batch in input_pipeline.eval_batches(data, self.config.eval_batch_size):
+      out = self.eval_fns[input_gradient](
+          self.state, input_pipeline.to_global_array(batch, self.data_sharding))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    count = sums.pop("count")
+    return {name: total / count for name, total in sums.items()}
+
+  def after_step(self, step: int, out: loop.Output) -> bool:
+    if step % self.eval_every == 0 or step == self.total_steps:
+      epoch = step / self.steps_per_epoch
+      self.final = self.evaluate(self.test_data)
+      self.best_top1 = max(self.best_top1, self.final["top1"])
+      out.write(step, "test", {**self.final, "epoch": epoch})
+      if self.train_eval_data is not None:
+        out.write(step, "train_clean",
+                  {**self.evaluate(self.train_eval_data, input_gradient=True), "epoch": epoch})
+      out.echo(f"step {step} epoch {epoch:.2f}: test top-1 {self.final['top1']:.4f} "
+               f"top-5 {self.final['top5']:.4f} loss {self.final['loss']:.4f}")
+    return False
+
+  def summary(self, out: loop.Output, preempted: bool) -> dict:
+    if not self.final:  # Resumed a finished run, or preempted before any evaluation.
+      self.final = self.evaluate(self.test_data)
+      self.best_top1 = max(self.best_top1, self.final["top1"])
+    return {"final_top1": self.final["top1"], "best_top1": self.best_top1}
+
+  def close(self) -> None:
+    self.data_iterator.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as `config` says; everything written goes under `workdir`.
 
@@ -356,233 +476,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   every process checkpoint the same step and return early (`preempted`).
 
   Returns:
-    A summary dict (final and best test top-1, wall time, images/s).
+    A summary dict: final and best test top-1, steps, wall time, images/s.
 
   Raises:
     FloatingPointError: the loss or gradient became NaN/inf (unless
       `config.nonfinite == "skip"`); the message names the step and the
       newest checkpoint, which predates it.
   """
-  mesh = mesh_lib.create_mesh(config.num_devices)
-  validate_config(config, mesh.size)
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  data_dir = config.data_dir or None
-  train_data = input_pipeline.load_dataset(
-      config.dataset, "train", data_dir, num_examples=config.num_train_examples or None)
-  test_data = input_pipeline.load_dataset(
-      config.dataset, EVAL_SPLITS.get(config.dataset, "test"), data_dir,
-      num_examples=config.num_eval_examples or None)
-  # The same first examples every time, un-augmented: how well the run fits
-  # what it trains on, and how steep its loss is there.
-  train_eval_data = None
-  if config.train_eval_examples:
-    train_eval_data = input_pipeline.load_dataset(
-        config.dataset, "train", data_dir, num_examples=config.train_eval_examples)
-  steps_per_epoch = input_pipeline.steps_per_epoch(train_data.num_examples, config.batch_size)
-  total_steps = int(config.num_epochs * steps_per_epoch)
-  warmup_steps = int(config.maxup.warmup_epochs * steps_per_epoch)
-  num_classes = train_data.num_classes
-
-  def build_model(dtype):
-    return models.create_model(config.model, num_classes=num_classes, dtype=DTYPES[dtype],
-                               remat=config.remat)
-
-  model = build_model(config.dtype)
-  selection_model = None
-  if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
-    selection_model = build_model(config.maxup.selection_dtype)
-  schedule = make_schedule(config, steps_per_epoch)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-
-  abstract_variables = jax.eval_shape(
-      lambda: model.init(init_key, jnp.zeros((1,) + train_data.image_shape), train=False))
-  tx = make_optimizer(config, schedule, abstract_variables)
-  state = initial_state(model, tx, train_data.image_shape, init_key, replicated)
-  if config.init_checkpoint:
-    state = _load_pretrained(state, config.init_checkpoint, replicated)
-
-  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  state = checkpointing.restore_latest(manager, state)
-  start_step = int(state.step)
-  writer = metrics_lib.MetricWriter(workdir)
-  if start_step == 0:
-    _write_config(config, workdir)
-  else:
-    logging.info("Resuming from step %d.", start_step)
-
-  step_kwargs = dict(
-      model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
-      mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
-      copies_per_pass=config.maxup.copies_per_pass or None,
-      selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
-  # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
-  step_fns = {
-      m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
-      for m in {1, config.maxup.num_copies}
-  }
-  mean, std = DATASET_STATS[config.dataset]
-  eval_fns = {
-      gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
-                                          input_gradient=gradient))
-      for gradient in (False, True)
-  }
-
-  def evaluate(state, data, input_gradient=False):
-    sums = None
-    for batch in input_pipeline.eval_batches(data, config.eval_batch_size):
-      out = eval_fns[input_gradient](state, input_pipeline.to_global_array(batch, data_sharding))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    count = sums.pop("count")
-    return {name: total / count for name, total in sums.items()}
-
-  def check_finite(window):
-    bad_step = window.first_nonfinite_step()
-    if bad_step is not None and config.nonfinite == "stop":
-      manager.wait_until_finished()
-      raise FloatingPointError(
-          f"the loss or gradient became NaN/inf at step {bad_step}; the newest checkpoint, "
-          f"step {manager.latest_step()} in {manager.directory}, predates it. Lower the "
-          "learning rate, or set nonfinite='skip' to skip such updates.")
-
-  train_batches = input_pipeline.prefetch(input_pipeline.train_batches(
-      train_data, config.batch_size, seed=config.seed, start_step=start_step))
-  best_top1 = _best_so_far(workdir) if start_step else 0.0
-  final, done, steady_start = {}, start_step, None
-  started = time.time()
-  window = _MetricWindow()
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-  profiler = _Profiler(workdir, first_step=start_step + 1, num_steps=config.profile_steps)
-  with train_batches, preemption.PreemptionWatcher() as watcher, profiler, \
-      progress.bar(total=total_steps, initial=start_step, desc="train") as bar:
-    for step in range(start_step, total_steps):
-      profiler.at(step)
-      batch = input_pipeline.to_global_array(next(train_batches), data_sharding)
-      num_copies = 1 if step < warmup_steps else config.maxup.num_copies
-      state, metrics = step_fns[num_copies](state, batch, jax.random.fold_in(train_key, step))
-      if steady_start is None:
-        # Throughput is measured from here on, after the first compilation.
-        jax.block_until_ready(metrics)
-        steady_start = time.time()
-      done = step + 1
-      window.add(done, metrics)
-      bar.update(1)
-      preempted = watcher.should_stop(done)
-
-      if done % config.log_every_steps == 0 or done == total_steps or preempted:
-        check_finite(window)
-        means = window.read()
-        means.update(learning_rate=float(schedule(step)), num_copies=num_copies,
-                     epoch=done / steps_per_epoch,
-                     images_per_second=means.pop("steps") * config.batch_size / means.pop("seconds"))
-        writer.write(done, "train", means)
-        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-
-      if done % eval_every == 0 or done == total_steps:
-        final = evaluate(state, test_data)
-        best_top1 = max(best_top1, final["top1"])
-        writer.write(done, "test", {**final, "epoch": done / steps_per_epoch})
-        if train_eval_data is not None:
-          writer.write(done, "train_clean", {
-              **evaluate(state, train_eval_data, input_gradient=True),
-              "epoch": done / steps_per_epoch})
-        bar.write(f"step {done} epoch {done / steps_per_epoch:.2f}: test top-1 "
-                  f"{final['top1']:.4f} top-5 {final['top5']:.4f} loss {final['loss']:.4f}")
-      if done % config.checkpoint_every_steps == 0 or done == total_steps or preempted:
-        check_finite(window)  # Never checkpoint a state that went NaN.
-        checkpointing.save(manager, done, state)
-      if preempted:
-        bar.write(f"preempted: saved step {done} in {manager.directory}; run again to resume.")
-        break
-
-  if not final:  # Resumed a finished run, or preempted before any evaluation.
-    final = evaluate(state, test_data)
-    best_top1 = max(best_top1, final["top1"])
-  manager.wait_until_finished()
-  manager.close()
-  steps_run = done - start_step
-  summary = {
-      "final_top1": final["top1"],
-      "best_top1": best_top1,
-      "steps": done,
-      "steps_this_run": steps_run,
-      "seconds": time.time() - started,
-      # Over all steps after the first, evaluation and checkpointing included.
-      "images_per_second": ((steps_run - 1) * config.batch_size / (time.time() - steady_start)
-                            if steps_run > 1 else None),
-      "preempted": done < total_steps,
-  }
-  writer.write(done, "summary", {k: v for k, v in summary.items() if v is not None})
-  writer.close()
-  return summary
-
-
-class _MetricWindow:
-  """Step metrics since the last read, summed on device so that steps never wait on the host."""
-
-  _NONE = np.iinfo(np.int32).max
-
-  def __init__(self):
-    self._reset()
-
-  def _reset(self):
-    self._sums, self._steps, self._start = None, 0, time.time()
-    self._first_nonfinite = None
-
-  def add(self, step: int, metrics) -> None:
-    bad = jnp.where(metrics["nonfinite"] > 0, step, self._NONE)
-    if self._sums is None:
-      self._sums, self._first_nonfinite = metrics, bad
-    else:
-      self._sums = jax.tree.map(jnp.add, self._sums, metrics)
-      self._first_nonfinite = jnp.minimum(self._first_nonfinite, bad)
-    self._steps += 1
-
-  def first_nonfinite_step(self) -> int | None:
-    """Reads (and so waits for) the first step with a NaN/inf since the last read."""
-    if self._first_nonfinite is None:
-      return None
-    step = int(self._first_nonfinite)
-    return None if step == self._NONE else step
-
-  def read(self) -> dict:
-    """Means over the window, plus `steps` and `seconds`; starts a new window."""
-    means = {k: float(v) / self._steps for k, v in jax.device_get(self._sums).items()}
-    means.update(steps=self._steps, seconds=time.time() - self._start)
-    self._reset()
-    return means
-
-
-class _Profiler:
-  """Traces `num_steps` steps from `first_step` on into `workdir/profile` (TensorBoard, Perfetto)."""
-
-  def __init__(self, workdir: str, first_step: int, num_steps: int):
-    self._dir = os.path.join(workdir, "profile")
-    self._first, self._last = first_step, first_step + num_steps
-    self._active = False
-    self._enabled = num_steps > 0
-
-  def at(self, step: int) -> None:
-    if not self._enabled:
-      return
-    if step == self._first and not self._active:
-      jax.profiler.start_trace(self._dir)
-      self._active = True
-    elif step == self._last and self._active:
-      self.stop()
-
-  def stop(self) -> None:
-    if self._active:
-      jax.profiler.stop_trace()
-      self._active = False
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.stop()
+  return loop.run(ImageTask(config, workdir), config, workdir)
 
 
 def _best_so_far(workdir: str) -> float:
@@ -606,10 +507,3 @@ def _load_pretrained(state: TrainState, directory: str, replicated) -> TrainStat
         "config.model; they do not match in structure or shapes.")
   loaded = jax.device_put(loaded, replicated)
   return state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
-
-
-def _write_config(config, workdir):
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))

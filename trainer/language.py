@@ -30,8 +30,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import time
 from typing import Any, NamedTuple, Sequence
 
 import flax
@@ -43,10 +41,7 @@ import numpy as np
 from maxup_jax import dynamic_eval
 from maxup_jax.maxup import MODES, maxup_loss
 from maxup_jax.models import awd_lstm
-from trainer import checkpointing, text_data
-from trainer import mesh as mesh_lib
-from trainer import metrics as metrics_lib
-from trainer import progress as progress_lib
+from trainer import loop, text_data
 
 # Words per chunk of the chunked output-layer loss (awd_lstm.sequence_loss_chunked); 0 computes
 # the full [B, T, V] logits instead (awd_lstm.sequence_loss). Set by config.vocab_chunk_size.
@@ -137,8 +132,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     except (TypeError, ValueError) as e:
       errors.append(f"model: {e}")
   for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "min_seq_len",
-               "seq_len_bucket", "num_epochs", "nonmono", "log_every_steps",
-               "checkpoint_every_steps"):
+               "seq_len_bucket", "num_epochs", "nonmono"):
     check(positive_int(config[name]), f"{name}={config[name]!r}; must be a positive int")
   if positive_int(config.batch_size):
     check(config.batch_size % num_devices == 0,
@@ -177,8 +171,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"num_train_tokens={config.num_train_tokens}; must be >= 0 (0 = all)")
   check(config.num_eval_tokens >= 0,
         f"num_eval_tokens={config.num_eval_tokens}; must be >= 0 (0 = all)")
+  errors += loop.config_errors(config, num_devices)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def perplexity(nll: float) -> float:
+  """exp(nll); inf where that overflows a float (a diverged run), instead of raising."""
+  return math.inf if nll > 709.0 else math.exp(nll)
 
 
 def create_model(config, vocab_size: int) -> awd_lstm.AWDLSTM:
@@ -277,7 +277,7 @@ def initial_train_state(model, batch_size: int, init_key) -> TrainState:
 def train_step(state: TrainState, batch, length, key, *, model, num_copies: int, mode: str,
                learning_rate: float, bptt: int, clip_grad_norm: float, weight_decay: float,
                activation_reg: float, temporal_activation_reg: float,
-               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
+               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE, skip_nonfinite: bool = False):
   """One (A)SGD step on the MaxUp loss of a segment; `num_copies=1` is plain AWD-LSTM.
 
   Args:
@@ -290,11 +290,15 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
       (`awd_lstm.sequence_loss_chunked`, this many words at a time, in the
       selection and the gradient passes); 0: `awd_lstm.sequence_loss` on the
       full logits. Same values up to float rounding.
+    skip_nonfinite: a step whose loss, gradient or updated weights hold a
+      NaN/inf leaves the state unchanged (but for the step counter) instead
+      of applying the update.
 
   Returns:
     (new_state, metrics): summed-friendly scalars `loss` (mean worst-copy
     loss, AR/TAR included), `nll` (token NLL of the trained copies),
-    `mean_copy_loss`, `grad_norm` (before clipping).
+    `mean_copy_loss`, `grad_norm` (before clipping) and `nonfinite` (1.0 if
+    this step's loss, gradient or updated weights hold a NaN/inf).
   """
   maxup_key, weight_key = jax.random.split(key)
 
@@ -338,14 +342,20 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
   avg_params = jax.tree.map(
       lambda a, p: jnp.where(state.averaging, a + (p - a) * weight, p), state.avg_params, params)
 
+  # An update can overflow the weights while loss and gradient are still finite.
+  finite = loop.all_finite(loss, grad_norm, params)
   metrics = {
       "loss": loss,
       "nll": jnp.mean(nll),
       "mean_copy_loss": aux.copy_losses.mean(),
       "grad_norm": grad_norm,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
   new_state = state.replace(step=state.step + 1, params=params, avg_params=avg_params,
                             avg_count=avg_count, carry=jax.lax.stop_gradient(carry))
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, state.replace(step=state.step + 1))
   return new_state, metrics
 
 
@@ -401,7 +411,7 @@ def dynamic_evaluate(params, carry, segments, stats, *, model, learning_rate: fl
 # arguments), so runs that share them, e.g. a resumed run, reuse the compilation.
 _TRAIN_STEP_STATICS = ("model", "num_copies", "mode", "learning_rate", "bptt", "clip_grad_norm",
                        "weight_decay", "activation_reg", "temporal_activation_reg",
-                       "vocab_chunk_size")
+                       "vocab_chunk_size", "skip_nonfinite")
 _train_step = jax.jit(train_step, static_argnames=_TRAIN_STEP_STATICS, donate_argnums=0)
 _apply_transition = jax.jit(apply_transition, donate_argnums=0)
 _evaluate_segments = jax.jit(evaluate_segments,
@@ -424,7 +434,8 @@ def make_train_step(config, model, num_copies: int | None = None):
       clip_grad_norm=float(config.clip_grad_norm), weight_decay=float(config.weight_decay),
       activation_reg=float(config.activation_reg),
       temporal_activation_reg=float(config.temporal_activation_reg),
-      vocab_chunk_size=configured_vocab_chunk_size(config))
+      vocab_chunk_size=configured_vocab_chunk_size(config),
+      skip_nonfinite=config.nonfinite == "skip")
 
 
 def configured_vocab_chunk_size(config) -> int:
@@ -482,168 +493,163 @@ def load_corpus(config) -> text_data.Corpus:
   return corpus
 
 
+class LanguageTask(loop.Task):
+  """Language modelling as `loop.run` drives it: AWD-LSTM's recipe with NT-ASGD phases.
+
+  The checkpoint holds the train state and the host-side `Progress`; a step
+  trains the next segment of the current epoch, and the last segment of an
+  epoch is followed by validation and the NT-ASGD decision (then a checkpoint).
+  """
+
+  unit = "tokens"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    mesh = loop.create_mesh(config)
+    validate_config(config, mesh.size)
+    self.config = config
+    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    self.corpus = load_corpus(config)
+    self.train_streams = text_data.batchify(self.corpus.train, config.batch_size)
+    self.model = create_model(config, self.corpus.vocab_size)
+    init_key, self.train_key = jax.random.split(jax.random.key(config.seed))
+    init = lambda: initial_train_state(self.model, config.batch_size, init_key)
+    abstract = jax.eval_shape(init)
+    params_sharding = jax.tree.map(lambda _: self.replicated, abstract.params)
+    state_shardings = abstract.replace(
+        step=self.replicated, params=params_sharding, avg_params=params_sharding,
+        avg_count=self.replicated, averaging=self.replicated, best_params=params_sharding,
+        carry=jax.tree.map(lambda _: self.data_sharding, abstract.carry))
+    self.state = jax.jit(init, out_shardings=state_shardings)()
+    self.initial_carry = jax.jit(lambda: self.model.initial_carry(config.batch_size),
+                                 out_shardings=state_shardings.carry)()
+    self.progress = Progress()
+    self.step_fn = make_train_step(config, self.model)
+
+    max_epochs = config.num_epochs + config.finetune.num_restarts * config.finetune.num_epochs
+    self.history_size = max(config.num_epochs, config.finetune.num_epochs) + 1
+    self._segments = (-1, None)
+    self.total_steps = sum(len(self.segments(e)) for e in range(max_epochs))
+    self.eval_sets = {
+        "valid": _stacked(self.corpus.valid, config.eval_batch_size, config.bptt, self.replicated),
+        "test": _stacked(self.corpus.test, config.test_batch_size, config.bptt, self.replicated),
+    }
+    self.eval_batch_sizes = {"valid": config.eval_batch_size, "test": config.test_batch_size}
+
+  def segments(self, epoch: int) -> np.ndarray:
+    """The `[N, 2]` (start, length) training segments of global epoch `epoch` (the newest cached)."""
+    if self._segments[0] != epoch:
+      self._segments = (epoch, epoch_segments(self.config, self.train_streams.shape[1], epoch))
+    return self._segments[1]
+
+  def checkpoint_tree(self) -> dict:
+    return {"state": self.state,
+            "progress": _progress_tree(self.progress, self.history_size, self.replicated)}
+
+  def restore(self, tree: dict) -> int:
+    self.state, self.progress = tree["state"], _progress_from_tree(tree["progress"])
+    start_step = int(self.state.step)
+    if start_step:
+      logging.info("Resuming from step %d (epoch %d, phase %d).", start_step,
+                   self.progress.epoch, self.progress.phase)
+    return start_step
+
+  def start(self, out: loop.Output) -> None:
+    out.write(0, "model", {"num_params": awd_lstm.num_params(self.state.params),
+                           "vocab_size": self.corpus.vocab_size,
+                           "train_tokens": len(self.corpus.train)})
+
+  def finished(self, step: int) -> bool:
+    return self.progress.finished
+
+  def train_step(self, step: int):
+    config = self.config
+    start, length = (int(x) for x in self.segments(self.progress.epoch)[self.progress.segment])
+    padded = text_data.padded_length(length, config.seq_len_bucket)
+    batch = {k: _global_array(v, self.data_sharding)
+             for k, v in text_data.segment(self.train_streams, start, length, padded).items()}
+    self.state, metrics = self.step_fn(self.state, batch, jnp.int32(length),
+                                       jax.random.fold_in(self.train_key, step))
+    self.progress = dataclasses.replace(self.progress, segment=self.progress.segment + 1)
+    return metrics, {"tokens": length * config.batch_size, "seq_len": length,
+                     "learning_rate": config.learning_rate * length / config.bptt}
+
+  def train_record(self, means: dict, step: int) -> dict:
+    num_segments = len(self.segments(self.progress.epoch))
+    return {**means, "perplexity": perplexity(means["nll"]),
+            "epoch": self.progress.epoch + self.progress.segment / num_segments,
+            "phase": self.progress.phase, "num_copies": self.config.maxup.num_copies}
+
+  def evaluate(self, params, split: str) -> dict:
+    total, count = jax.device_get(_evaluate_segments(
+        params, self.eval_sets[split], model=self.model,
+        batch_size=self.eval_batch_sizes[split],
+        vocab_chunk_size=configured_vocab_chunk_size(self.config)))
+    loss = float(total / count)
+    return {"loss": loss, "perplexity": perplexity(loss), "bits_per_token": loss / math.log(2)}
+
+  def after_step(self, step: int, out: loop.Output) -> bool:
+    """At the end of an epoch: validate the weights NT-ASGD would keep, then decide."""
+    if self.progress.segment < len(self.segments(self.progress.epoch)):
+      return False
+    config = self.config
+    averaging = bool(self.state.averaging)
+    result = self.evaluate(self.state.avg_params, "valid")
+    self.progress, transition = end_of_epoch(
+        self.progress, result["loss"], averaging=averaging, num_epochs=config.num_epochs,
+        finetune_epochs=config.finetune.num_epochs,
+        num_restarts=config.finetune.num_restarts, nonmono=config.nonmono)
+    self.state = _apply_transition(self.state, transition.improved, transition.start_averaging,
+                                   transition.restart, self.initial_carry)
+    out.write(step, "valid", {
+        **result, "epoch": self.progress.epoch,
+        "phase": self.progress.phase - int(transition.restart), "averaged": averaging,
+        "best_perplexity": perplexity(self.progress.best_val_loss),
+        "switched_to_asgd": transition.start_averaging, "restarted": transition.restart})
+    out.echo(f"epoch {self.progress.epoch} step {step}: valid ppl {result['perplexity']:.2f} "
+             f"({'averaged' if averaging else 'SGD'} weights)"
+             + (" -> ASGD" if transition.start_averaging else "")
+             + (f" -> fine-tuning {self.progress.phase}" if transition.restart else ""))
+    return True
+
+  def summary(self, out: loop.Output, preempted: bool) -> dict:
+    """Scores of the best weights, as AWD-LSTM reloads its saved model; none when preempted."""
+    summary = {"num_params": awd_lstm.num_params(self.state.params), "epochs": self.progress.epoch}
+    if preempted:
+      return summary
+    step = int(self.state.step)
+    valid = self.evaluate(self.state.best_params, "valid")
+    test = self.evaluate(self.state.best_params, "test")
+    out.write(step, "test", {**{f"valid_{k}": v for k, v in valid.items()}, **test})
+    summary.update(valid_perplexity=valid["perplexity"], test_perplexity=test["perplexity"])
+    if self.config.dynamic_eval.enabled:
+      dynamic = run_dynamic_eval(self.config, self.model, self.state.best_params, self.corpus,
+                                 self.replicated)
+      out.write(step, "dynamic_eval", dynamic)
+      summary.update(dynamic_valid_perplexity=dynamic["valid_perplexity"],
+                     dynamic_test_perplexity=dynamic["test_perplexity"])
+    return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as `config` says; everything written goes under `workdir`.
 
   Restarting with the same config and workdir resumes from the newest
   checkpoint: the segment lengths and every step's key are functions of
   (seed, epoch, step), and the carried hidden state, the average and the
-  NT-ASGD history are in the checkpoint.
+  NT-ASGD history are in the checkpoint. A SIGTERM makes every process
+  checkpoint the same step and return early (`preempted`).
 
   Returns:
     A summary dict: validation and test perplexity of the best weights (and
     after dynamic evaluation if enabled), steps, epochs, time, tokens/s.
+
+  Raises:
+    FloatingPointError: the loss or gradient became NaN/inf (unless
+      `config.nonfinite == "skip"`), naming the step and the newest checkpoint.
   """
-  mesh = mesh_lib.create_mesh(config.num_devices)
-  validate_config(config, mesh.size)
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  corpus = load_corpus(config)
-  train_streams = text_data.batchify(corpus.train, config.batch_size)
-  stream_length = train_streams.shape[1]
-  model = create_model(config, corpus.vocab_size)
-  root_key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(root_key)
-
-  def init():
-    return initial_train_state(model, config.batch_size, init_key)
-
-  abstract = jax.eval_shape(init)
-  state_shardings = abstract.replace(
-      step=replicated, params=jax.tree.map(lambda _: replicated, abstract.params),
-      avg_params=jax.tree.map(lambda _: replicated, abstract.params), avg_count=replicated,
-      averaging=replicated, best_params=jax.tree.map(lambda _: replicated, abstract.params),
-      carry=jax.tree.map(lambda _: data_sharding, abstract.carry))
-  state = jax.jit(init, out_shardings=state_shardings)()
-  param_count = awd_lstm.num_params(state.params)
-
-  max_epochs = config.num_epochs + config.finetune.num_restarts * config.finetune.num_epochs
-  history_size = max(config.num_epochs, config.finetune.num_epochs) + 1
-  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  restored = checkpointing.restore_latest(
-      manager, {"state": state, "progress": _progress_tree(Progress(), history_size, replicated)})
-  state = restored["state"]
-  progress = _progress_from_tree(restored["progress"])
-  start_step = int(state.step)
-  writer = metrics_lib.MetricWriter(workdir)
-  if start_step == 0:
-    _write_config(config, workdir)
-    writer.write(0, "model", {"num_params": param_count, "vocab_size": corpus.vocab_size,
-                              "train_tokens": len(corpus.train)})
-  else:
-    logging.info("Resuming from step %d (epoch %d, phase %d).", start_step, progress.epoch,
-                 progress.phase)
-
-  step_fn = make_train_step(config, model)
-  initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
-                          out_shardings=state_shardings.carry)()
-
-  eval_sets = {
-      "valid": _stacked(corpus.valid, config.eval_batch_size, config.bptt, replicated),
-      "test": _stacked(corpus.test, config.test_batch_size, config.bptt, replicated),
-  }
-  eval_batch_sizes = {"valid": config.eval_batch_size, "test": config.test_batch_size}
-
-  def evaluate(params, split):
-    total, count = jax.device_get(_evaluate_segments(
-        params, eval_sets[split], model=model, batch_size=eval_batch_sizes[split],
-        vocab_chunk_size=configured_vocab_chunk_size(config)))
-    loss = float(total / count)
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
-
-  def save(step, state, progress):
-    tree = {"state": state, "progress": _progress_tree(progress, history_size, replicated)}
-    checkpointing.save(manager, step, tree)
-
-  total_steps = sum(len(epoch_segments(config, stream_length, e)) for e in range(max_epochs))
-  started = time.time()
-  steady_start = tokens_since_steady = None
-  window = _Window()
-  step = start_step  # Counted on the host: reading state.step would wait for every step.
-  with progress_lib.bar(total=total_steps, initial=start_step, desc="train") as bar:
-    while not progress.finished:
-      segments = epoch_segments(config, stream_length, progress.epoch)
-      for index in range(progress.segment, len(segments)):
-        start, length = (int(x) for x in segments[index])
-        padded = text_data.padded_length(length, config.seq_len_bucket)
-        batch = {k: _global_array(v, data_sharding)
-                 for k, v in text_data.segment(train_streams, start, length, padded).items()}
-        state, metrics = step_fn(state, batch, jnp.int32(length),
-                                 jax.random.fold_in(train_key, step))
-        step += 1
-        if steady_start is None:
-          # Throughput is measured from here on, after the first compilation.
-          jax.block_until_ready(metrics)
-          steady_start, tokens_since_steady = time.time(), 0
-        else:
-          tokens_since_steady += length * config.batch_size
-        window.add(metrics, length, config.learning_rate * length / config.bptt,
-                   config.batch_size)
-        done = step
-        progress = dataclasses.replace(progress, segment=index + 1)
-        bar.update(1)
-
-        if done % config.log_every_steps == 0:
-          record = window.flush()
-          record.update(epoch=progress.epoch + (index + 1) / len(segments), phase=progress.phase,
-                        num_copies=config.maxup.num_copies)
-          writer.write(done, "train", record)
-          bar.set_postfix(ppl=f"{record['perplexity']:.1f}", phase=progress.phase)
-        # The last step of an epoch is saved after its validation, below.
-        if done % config.checkpoint_every_steps == 0 and index + 1 < len(segments):
-          save(step, state, progress)
-
-      # End of epoch: validate the weights NT-ASGD would keep, then decide.
-      averaging = bool(state.averaging)
-      result = evaluate(state.avg_params, "valid")
-      progress, transition = end_of_epoch(
-          progress, result["loss"], averaging=averaging, num_epochs=config.num_epochs,
-          finetune_epochs=config.finetune.num_epochs,
-          num_restarts=config.finetune.num_restarts, nonmono=config.nonmono)
-      state = _apply_transition(state, transition.improved, transition.start_averaging,
-                            transition.restart, initial_carry)
-      writer.write(step, "valid", {
-          **result, "epoch": progress.epoch, "phase": progress.phase - int(transition.restart),
-          "averaged": averaging, "best_perplexity": math.exp(progress.best_val_loss),
-          "switched_to_asgd": transition.start_averaging, "restarted": transition.restart})
-      bar.write(f"epoch {progress.epoch} step {step}: valid ppl "
-                f"{result['perplexity']:.2f} ({'averaged' if averaging else 'SGD'} weights)"
-                + (" -> ASGD" if transition.start_averaging else "")
-                + (f" -> fine-tuning {progress.phase}" if transition.restart else ""))
-      save(step, state, progress)
-    if window.steps:
-      writer.write(step, "train", {**window.flush(), "epoch": progress.epoch,
-                                   "phase": progress.phase,
-                                   "num_copies": config.maxup.num_copies})
-    bar.total = step  # Fine-tuning may have stopped early.
-    bar.refresh()
-  training_seconds = time.time() - steady_start if steady_start is not None else None
-
-  # Final scores of the best weights, as AWD-LSTM reloads its saved model.
-  summary = {"num_params": param_count}
-  final_valid = evaluate(state.best_params, "valid")
-  final_test = evaluate(state.best_params, "test")
-  writer.write(step, "test", {**{f"valid_{k}": v for k, v in final_valid.items()},
-                                         **final_test})
-  summary.update(valid_perplexity=final_valid["perplexity"],
-                 test_perplexity=final_test["perplexity"])
-  if config.dynamic_eval.enabled:
-    dynamic = run_dynamic_eval(config, model, state.best_params, corpus, replicated)
-    writer.write(step, "dynamic_eval", dynamic)
-    summary.update(dynamic_valid_perplexity=dynamic["valid_perplexity"],
-                   dynamic_test_perplexity=dynamic["test_perplexity"])
-  manager.wait_until_finished()
-  manager.close()
-  steps_run = step - start_step
-  summary.update(
-      steps=step, steps_this_run=steps_run, epochs=progress.epoch,
-      seconds=time.time() - started,
-      # Training steps after the first, epoch-end validation and checkpoints included.
-      tokens_per_second=(tokens_since_steady / training_seconds if steps_run > 1 else None))
-  writer.write(step, "summary", {k: v for k, v in summary.items() if v is not None})
-  writer.close()
-  return summary
+  return loop.run(LanguageTask(config), config, workdir)
 
 
 def run_dynamic_eval(config, model, params, corpus: text_data.Corpus, sharding) -> dict:
@@ -670,7 +676,7 @@ def run_dynamic_eval(config, model, params, corpus: text_data.Corpus, sharding) 
                             epsilon=float(dyn.epsilon))
     nll = float(out.nll_sum / out.num_tokens)
     result[f"{split}_loss"] = nll
-    result[f"{split}_perplexity"] = math.exp(nll)
+    result[f"{split}_perplexity"] = perplexity(nll)
   return result
 
 
@@ -678,36 +684,3 @@ def _stacked(tokens: np.ndarray, batch_size: int, seq_len: int, sharding) -> dic
   streams = text_data.batchify(tokens, batch_size)
   return {k: _global_array(v, sharding)
           for k, v in text_data.stacked_segments(streams, seq_len).items()}
-
-
-class _Window:
-  """Training metrics of the steps since the last log: summed on device, read back when logged."""
-
-  def __init__(self):
-    self._reset()
-
-  def _reset(self):
-    self.sums, self.steps, self.tokens, self.lengths, self.lr = None, 0, 0, 0, 0.0
-    self.started = time.time()
-
-  def add(self, metrics, length: int, learning_rate: float, batch_size: int):
-    self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
-    self.steps += 1
-    self.lengths += length
-    self.tokens += length * batch_size
-    self.lr += learning_rate
-
-  def flush(self) -> dict:
-    means = {k: float(v) / self.steps for k, v in jax.device_get(self.sums).items()}
-    means.update(perplexity=math.exp(means["nll"]), learning_rate=self.lr / self.steps,
-                 seq_len=self.lengths / self.steps,
-                 tokens_per_second=self.tokens / (time.time() - self.started))
-    self._reset()
-    return means
-
-
-def _write_config(config, workdir):
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
