@@ -203,11 +203,10 @@ def test_crash_and_resume_continues_exactly_through_asgd_and_fine_tuning(tmp_pat
 
 def resume_config(**overrides):
   """Slow enough per step (a 2x256 LSTM, 32 streams) that a SIGTERM lands mid-run; 2 epochs."""
-  return quick_config(num_train_tokens=40_000, num_epochs=2, batch_size=32, log_every_steps=5,
-                      checkpoint_every_steps=1000, **{"model.hidden_dim": 256,
-                                                      "model.num_layers": 2,
-                                                      "dynamic_eval.enabled": False,
-                                                      **overrides})
+  return quick_config(**{"num_train_tokens": 40_000, "num_epochs": 2, "batch_size": 32,
+                         "log_every_steps": 5, "checkpoint_every_steps": 1000,
+                         "model.hidden_dim": 256, "model.num_layers": 2,
+                         "dynamic_eval.enabled": False, **overrides})
 
 
 def command_line(config):
@@ -264,21 +263,26 @@ def test_sigterm_checkpoints_and_exits_then_resumes(resume_reference, tmp_path):
 
 
 @needs_ptb
-def test_two_processes_on_loopback_match_one_process(resume_reference, tmp_path):
-  reference_dir, reference = resume_reference
-  overrides = command_line(resume_config(num_devices=0))
-  procs = train_py.run_two_processes("configs/ptb_small_lstm.py", tmp_path, overrides)
+def test_two_processes_on_loopback_match_one_process(tmp_path):
+  # 13 steps: at learning rate 20 the device-split sums' rounding (1e-7)
+  # grows to ~1e-4 of the loss within ~50 steps, so longer runs only agree
+  # statistically.
+  short = dict(num_train_tokens=8_000, num_epochs=1, log_every_steps=1)
+  reference = trainer.run(resume_config(**short), str(tmp_path / "one"))
+  overrides = command_line(resume_config(num_devices=0, **short))
+  procs = train_py.run_two_processes("configs/ptb_small_lstm.py", tmp_path / "two", overrides)
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out
   assert "summary:" in outputs[0] and "summary:" not in outputs[1]  # Only process 0 reports.
-  two = [r["loss"] for r in records(tmp_path, "train")]
-  one = [r["loss"] for r in records(reference_dir, "train")]
+  two = [r["loss"] for r in records(tmp_path / "two", "train")]
+  one = [r["loss"] for r in records(tmp_path / "one", "train")]
+  assert len(one) == reference["steps"] == 13
   np.testing.assert_allclose(two, one, rtol=2e-4)
-  (summary,) = records(tmp_path, "summary")
-  assert summary["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-3)
-  chex.assert_trees_all_close(final_state(tmp_path)["params"],
-                              final_state(reference_dir)["params"], rtol=1e-2, atol=1e-4)
+  (summary,) = records(tmp_path / "two", "summary")
+  assert summary["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-4)
+  chex.assert_trees_all_close(final_state(tmp_path / "two"), final_state(tmp_path / "one"),
+                              rtol=1e-3, atol=1e-5)
 
 
 @needs_ptb
