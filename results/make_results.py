@@ -49,7 +49,6 @@ PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
             ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
 SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
                 ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
-SCRATCH_ABLATION_RUNS = (("m1", "1", "1"), ("m2", "2", "2"), ("m4", "4", "4"), ("m10", "10", "10"))
 FINETUNE_AUGMENTATIONS = ("cutout", "cutmix")
 CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
                 "ptb": "configs/results_ptb.py",
@@ -225,21 +224,6 @@ def scratch_table() -> str:
   return image_table("cifar10_scratch", SCRATCH_RUNS)
 
 
-def scratch_ablation_table() -> str:
-  """Experiment 6b: m = 1, 2, 4, 10 in experiment 6's regime."""
-  rows = []
-  for prefix, _, arg in SCRATCH_ABLATION_RUNS:
-    runs = seed_runs("cifar10_scratch", prefix)
-    if not runs:
-      continue
-    final_test = [summary(r)["final_top1"] for r in runs]
-    rows.append([arg, str(len(runs)), mean_std(final_test, 100), per_seed(final_test, 100),
-                 mean_std([series(r, "train_clean", "top1")[1][-1] for r in runs], 100),
-                 minutes(runs)])
-  header = ["m", "seeds", "test top-1 %", "by seed", "train top-1 % (clean)", "wall time (min)"]
-  return markdown_table(header, rows)
-
-
 def finetune_table() -> str:
   """Experiment 7: fine-tuning experiment 6's seed-0 baseline, as the paper does on ImageNet."""
   rows, blocks = [], []
@@ -359,20 +343,27 @@ def _band(ax, runs, split, key, label, scale=1.0, x="epoch"):
                     color=line.get_color(), alpha=0.2)
 
 
-def cifar_figures(out: Path) -> list[Path]:
+def learning_curves(experiment: str, specs, num_train: str, path: Path) -> Path:
+  """Test and clean-train top-1 against epochs, one band (mean ± std over seeds) per method."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for prefix, label, _ in CIFAR_RUNS:
-    runs = seed_runs("cifar10", prefix)
+  for prefix, label, _ in specs:
+    runs = seed_runs(experiment, prefix)
     if runs:
       _band(axes[0], runs, "test", "top1", label, 100)
       _band(axes[1], runs, "train_clean", "top1", label, 100)
   axes[0].set(xlabel="epoch", ylabel="test top-1 % (10,000 images)", title="CIFAR-10 test")
-  axes[1].set(xlabel="epoch", ylabel="train top-1 % (2,048 images, un-augmented)",
+  axes[1].set(xlabel="epoch", ylabel=f"train top-1 % ({num_train} images, un-augmented)",
               title="CIFAR-10 training set, clean")
   for ax in axes:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  curves = _save(fig, out / "cifar10_curves.png")
+  return _save(fig, path)
+
+
+def cifar_figures(out: Path) -> list[Path]:
+  curves = learning_curves("cifar10", CIFAR_RUNS, "2,048", out / "cifar10_curves.png")
+  scratch = learning_curves("cifar10_scratch", SCRATCH_RUNS, "2,500",
+                            out / "cifar10_scratch_curves.png")
 
   fig, ax = plt.subplots(figsize=(5, 4))
   ms, means, stds = [], [], []
@@ -386,7 +377,7 @@ def cifar_figures(out: Path) -> list[Path]:
   ax.set(xscale="log", xticks=ms, xticklabels=[str(m) for m in ms], xlabel="m (copies)",
          ylabel="test top-1 %", title="CIFAR-10, ResNet-8: m ablation")
   ax.grid(alpha=0.3)
-  return [curves, _save(fig, out / "cifar10_m_ablation.png")]
+  return [curves, scratch, _save(fig, out / "cifar10_m_ablation.png")]
 
 
 def ptb_figure(out: Path) -> Path:
@@ -462,6 +453,7 @@ def _save(fig, path: Path) -> Path:
 TABLES = {
     "cifar10": cifar_table,
     "cifar10_m": cifar_ablation_table,
+    "cifar10_scratch": scratch_table,
     "ptb": ptb_table,
     "mnist_certified": certified_table,
     "mnist_gradient": mnist_training_table,
