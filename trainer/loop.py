@@ -166,7 +166,7 @@ def run(task: Task, config, workdir: str) -> dict:
     evaluation and checkpoints included) and `preempted`.
 
   Raises:
-    FloatingPointError: a NaN/inf loss or gradient under `nonfinite='stop'`.
+    FloatingPointError: a NaN/inf loss, gradient or weight under `nonfinite="stop"`.
   """
   with contextlib.closing(task):
     return _run(task, config, workdir)
@@ -186,9 +186,9 @@ def _run(task: Task, config, workdir: str) -> dict:
     if bad_step is not None and config.nonfinite == "stop":
       manager.wait_until_finished()
       raise FloatingPointError(
-          f"the loss or gradient became NaN/inf at step {bad_step}; the newest checkpoint, "
-          f"step {manager.latest_step()} in {manager.directory}, predates it. Lower the "
-          "learning rate, or set nonfinite='skip' to skip such updates.")
+          f"the loss, gradient or weights became NaN/inf at step {bad_step}; the newest "
+          f"checkpoint, step {manager.latest_step()} in {manager.directory}, predates it. "
+          "Lower the learning rate, or set nonfinite='skip' to skip such updates.")
 
   def log(window, step):
     check_finite(window)
