@@ -49,7 +49,7 @@ PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
             ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
 SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
                 ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
-FINETUNE_AUGMENTATIONS = ("cutout", "cutmix")
+FINETUNE_AUGMENTATIONS = {"cutout": "Cutout", "cutmix": "CutMix"}  # config argument -> name
 CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
                 "ptb": "configs/results_ptb.py",
                 "cifar10_scratch": "configs/results_cifar10_scratch.py",
@@ -229,7 +229,7 @@ def finetune_table() -> str:
   rows, blocks = [], []
   for aug in FINETUNE_AUGMENTATIONS:
     experiment = f"cifar10_finetune_{aug}"
-    specs = [(prefix, label.replace("Cutout", aug.capitalize()), f"{aug},{arg}")
+    specs = [(prefix, label.replace("Cutout", FINETUNE_AUGMENTATIONS[aug]), f"{aug},{arg}")
              for prefix, label, arg in SCRATCH_RUNS]
     for prefix, label, _ in specs:
       runs = seed_runs(experiment, prefix)
