@@ -150,14 +150,17 @@ def command(experiment: str, prefix: str, arg: str, run: Path) -> str:
 
 
 def commands_block(experiment: str, specs) -> str:
-  lines, seeds = [], set()
+  """The commands of an experiment's runs, one shell loop per set of seeds."""
+  loops: dict[tuple[int, ...], list[str]] = {}
   for prefix, _, arg in specs:
     runs = seed_runs(experiment, prefix)
     if runs:
-      seeds.update(seed_of(r) for r in runs)
-      lines.append("  " + command(experiment, prefix, arg, runs[0]))
-  header = f"for SEED in {' '.join(str(s) for s in sorted(seeds))}; do"
-  return "```bash\n" + "\n".join([header] + lines + ["done"]) + "\n```"
+      seeds = tuple(sorted(seed_of(r) for r in runs))
+      loops.setdefault(seeds, []).append("  " + command(experiment, prefix, arg, runs[0]))
+  lines = []
+  for seeds, commands in loops.items():
+    lines += [f"for SEED in {' '.join(str(s) for s in seeds)}; do", *commands, "done"]
+  return "```bash\n" + "\n".join(lines) + "\n```"
 
 
 def minutes(runs) -> str:
@@ -194,7 +197,7 @@ def image_table(experiment: str, specs) -> str:
         mean_std(final_train, 100), mean_std(np.subtract(final_train, final_test), 100),
         minutes(runs)])
   header = ["method", "seeds", "epochs", "passes per example and step (after warm-up)",
-            "test top-1 % (final)", "by seed (0 / 1 / 2)", "test top-1 % (best of the evals)",
+            "test top-1 % (final)", "by seed (0 / 1 / ...)", "test top-1 % (best of the evals)",
             "train top-1 % (clean, final)", "train - test gap (points)", "wall time (min)"]
   return markdown_table(header, rows) + "\n\n" + commands_block(experiment, specs)
 
@@ -247,7 +250,7 @@ def finetune_table() -> str:
     if any(seed_runs(experiment, prefix) for prefix, _, _ in specs):
       blocks.append(commands_block(experiment, specs))
   header = ["method", "fine-tuning seeds", "epochs", "test top-1 % before",
-            "test top-1 % after (final)", "after, by seed (0 / 1 / 2)", "change (points)",
+            "test top-1 % after (final)", "after, by seed (0 / 1 / ...)", "change (points)",
             "train top-1 % (clean, after)", "wall time (min)"]
   return markdown_table(header, rows) + "\n\n" + "\n\n".join(blocks)
 
@@ -380,6 +383,27 @@ def cifar_figures(out: Path) -> list[Path]:
   return [curves, scratch, _save(fig, out / "cifar10_m_ablation.png")]
 
 
+def finetune_figure(out: Path) -> Path:
+  """Experiment 7: test top-1 during fine-tuning, one panel per augmentation."""
+  fig, axes = plt.subplots(1, len(FINETUNE_AUGMENTATIONS), figsize=(11, 4), sharey=True)
+  for ax, (aug, name) in zip(axes, FINETUNE_AUGMENTATIONS.items()):
+    experiment = f"cifar10_finetune_{aug}"
+    before = None
+    for prefix, label, _ in SCRATCH_RUNS:
+      runs = seed_runs(experiment, prefix)
+      if runs:
+        _band(ax, runs, "test", "top1", label.replace("Cutout", name), 100)
+        before = summary(LOGS / "cifar10_scratch" / Path(config_of(runs[0])["init_checkpoint"]).name)
+    if before is not None:
+      ax.axhline(before["final_top1"] * 100, color="gray", linestyle="--",
+                 label="before fine-tuning")
+    ax.set(xlabel="fine-tuning epoch", title=f"fine-tuning with {name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0].set(ylabel="CIFAR-10 test top-1 % (10,000 images)")
+  return _save(fig, out / "cifar10_finetune_curves.png")
+
+
 def ptb_figure(out: Path) -> Path:
   fig, ax = plt.subplots(figsize=(6, 4))
   for prefix, label, _ in PTB_RUNS:
@@ -454,6 +478,7 @@ TABLES = {
     "cifar10": cifar_table,
     "cifar10_m": cifar_ablation_table,
     "cifar10_scratch": scratch_table,
+    "cifar10_finetune": finetune_table,
     "ptb": ptb_table,
     "mnist_certified": certified_table,
     "mnist_gradient": mnist_training_table,
@@ -481,7 +506,8 @@ def main() -> None:
   tables = {name: make() for name, make in TABLES.items()}
   args.results_md.write_text(fill_tables(args.results_md.read_text(), tables))
   print(f"tables written into {args.results_md}")
-  for path in cifar_figures(args.figures) + [ptb_figure(args.figures)] + mnist_figures(args.figures):
+  figures = cifar_figures(args.figures) + [finetune_figure(args.figures), ptb_figure(args.figures)]
+  for path in figures + mnist_figures(args.figures):
     print(f"figure: {path}")
 
 

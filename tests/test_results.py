@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablation.png",
-           "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
+           "cifar10_finetune_curves.png", "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
            "mnist_input_gradient_norm.png")
 
 
@@ -24,13 +24,17 @@ def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
     assert (REPO / "results" / "figures" / name).is_file()
 
 
-def test_every_table_averages_three_seeds():
+def test_every_table_averages_at_least_three_seeds():
   text = (REPO / "RESULTS.md").read_text()
   blocks = re.findall(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, re.S)
-  assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "cifar10_scratch", "ptb",
-                                          "mnist_certified", "mnist_gradient"}
+  assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "cifar10_scratch",
+                                          "cifar10_finetune", "ptb", "mnist_certified",
+                                          "mnist_gradient"}
   for name, block in blocks:
     rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 3, name  # A header and at least two compared methods.
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    seeds_column = next(i for i, cell in enumerate(header) if cell.endswith("seeds"))
     for row in rows[1:]:
-      assert "| 3 |" in row, (name, row)
+      cells = [cell.strip() for cell in row.strip("|").split("|")]
+      assert int(cells[seeds_column]) >= 3, (name, row)
