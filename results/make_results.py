@@ -36,8 +36,10 @@ from trainer import certification  # noqa: E402
 LOGS = REPO / "results" / "logs"
 FIGURES = REPO / "results" / "figures"
 RESULTS_MD = REPO / "RESULTS.md"
-CERTIFIED_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-SIGMA = 0.5
+# Certification: experiment -> (sigma, the radii of its table). At sigma 0.25
+# no radius above ~0.8 is certifiable with n=10,000 samples.
+CERTIFICATION = {"mnist_gauss": (0.5, (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)),
+                 "cifar10_gauss": (0.25, (0.0, 0.25, 0.5, 0.75, 1.0))}
 
 # (run-name prefix, label, config argument) per experiment, in table order.
 CIFAR_RUNS = (("m1", "Cutout (m=1)", "1"), ("m2", "MaxUp+Cutout, m=2", "2"),
@@ -45,13 +47,14 @@ CIFAR_RUNS = (("m1", "Cutout (m=1)", "1"), ("m2", "MaxUp+Cutout, m=2", "2"),
               ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
 MNIST_RUNS = (("m1", "Gaussian augmentation (m=1)", "1"), ("m5", "MaxUp+Gauss, m=5", "5"),
               ("m1_equal_time", "Gaussian aug., MaxUp's wall-clock time", "1"))
+CIFAR_GAUSS_RUNS = (("m1", "Gaussian augmentation (m=1)", "1"), ("m5", "MaxUp+Gauss, m=5", "5"))
 PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
             ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
 SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
                 ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
 FINETUNE_AUGMENTATIONS = {"cutout": "Cutout", "cutmix": "CutMix"}  # config argument -> name
 CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
-                "ptb": "configs/results_ptb.py",
+                "ptb": "configs/results_ptb.py", "cifar10_gauss": "configs/results_cifar10_gauss.py",
                 "cifar10_scratch": "configs/results_cifar10_scratch.py",
                 **{f"cifar10_finetune_{aug}": "configs/results_cifar10_finetune.py"
                    for aug in FINETUNE_AUGMENTATIONS}}
@@ -277,29 +280,44 @@ def ptb_table() -> str:
   return markdown_table(header, rows) + "\n\n" + commands_block("ptb", PTB_RUNS)
 
 
-def certification_logs(prefix: str):
+def certification_logs(experiment: str, prefix: str) -> list[tuple[Path, certification.CertificationLog]]:
+  """(run, log) of each seed whose certification finished (it writes the accuracy table last)."""
+  sigma, _ = CERTIFICATION[experiment]
   logs = []
-  for run in seed_runs("mnist_gauss", prefix):
-    path = run / "certify" / f"certify_sigma{SIGMA}.tsv"
-    if path.is_file():
-      logs.append(certification.read_log(path))
+  for run in seed_runs(experiment, prefix):
+    if (run / "certify" / f"certified_accuracy_sigma{sigma}.tsv").is_file():
+      logs.append((run, certification.read_log(run / "certify" / f"certify_sigma{sigma}.tsv")))
   return logs
 
 
-def certified_table() -> str:
+def certified_table(experiment: str, specs) -> str:
+  """Certified accuracy at the experiment's radii, with the base and smoothed classifiers' costs."""
+  _, radii = CERTIFICATION[experiment]
   rows = []
-  for prefix, label, _ in MNIST_RUNS[:2]:
-    logs = certification_logs(prefix)
+  for prefix, label, _ in specs:
+    logs = certification_logs(experiment, prefix)
     if not logs:
       continue
-    accuracy = np.array([certification.accuracy_table(log, CERTIFIED_RADII) for log in logs])
-    runs = seed_runs("mnist_gauss", prefix)
-    rows.append([label, str(len(logs)), str(len(logs[0].idx)),
+    runs = [run for run, _ in logs]
+    accuracy = np.array([certification.accuracy_table(log, radii) for _, log in logs])
+    rows.append([label, str(len(logs)), str(len(logs[0][1].idx)),
                  mean_std([summary(r)["final_top1"] for r in runs], 100)]
-                + [mean_std(accuracy[:, i], 100, digits=1) for i in range(len(CERTIFIED_RADII))])
+                + [mean_std(accuracy[:, i], 100, digits=1) for i in range(len(radii))]
+                + [mean_std([np.mean(log.predict < 0) for _, log in logs], 100, digits=1),
+                   minutes(runs), mean_std([np.mean(log.time) for _, log in logs], digits=1)])
   header = (["method", "seeds", "images", "clean test top-1 % (base classifier)"]
-            + [f"r={r:g}" for r in CERTIFIED_RADII])
+            + [f"r={r:g}" + (" (smoothed classifier's accuracy)" if r == 0 else "") for r in radii]
+            + ["abstained %", "training time (min)", "certification time (s per image)"])
   return markdown_table(header, rows)
+
+
+def mnist_certified_table() -> str:
+  return certified_table("mnist_gauss", MNIST_RUNS[:2])
+
+
+def cifar_certified_table() -> str:
+  table = certified_table("cifar10_gauss", CIFAR_GAUSS_RUNS)
+  return table + "\n\n" + commands_block("cifar10_gauss", CIFAR_GAUSS_RUNS)
 
 
 def mnist_training_table() -> str:
@@ -416,24 +434,31 @@ def ptb_figure(out: Path) -> Path:
   return _save(fig, out / "ptb_valid_perplexity.png")
 
 
-def mnist_figures(out: Path) -> list[Path]:
+def certified_figure(experiment: str, specs, title: str, path: Path) -> Path:
+  """Certified accuracy against radius, one band (mean ± std over seeds) per method."""
+  sigma, table_radii = CERTIFICATION[experiment]
   fig, ax = plt.subplots(figsize=(6, 4))
-  radii = np.linspace(0, 2.0, 201)
-  for prefix, label, _ in MNIST_RUNS[:2]:
-    logs = certification_logs(prefix)
+  radii = np.linspace(0, table_radii[-1], 201)
+  for prefix, label, _ in specs:
+    logs = certification_logs(experiment, prefix)
     if not logs:
       continue
-    curves = np.array([certification.accuracy_table(log, radii) for log in logs]) * 100
+    curves = np.array([certification.accuracy_table(log, radii) for _, log in logs]) * 100
     line, = ax.plot(radii, curves.mean(0), label=f"{label} ({len(logs)} seeds)")
     if len(logs) > 1:
       std = curves.std(0, ddof=1)
       ax.fill_between(radii, curves.mean(0) - std, curves.mean(0) + std, color=line.get_color(),
                       alpha=0.2)
   ax.set(xlabel="radius (L2, [0, 1] pixels)", ylabel="certified accuracy %",
-         title=f"MNIST, sigma={SIGMA}, n=10,000, 500 test images")
+         title=f"{title}, sigma={sigma}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  certified = _save(fig, out / "mnist_certified_accuracy.png")
+  return _save(fig, path)
+
+
+def mnist_figures(out: Path) -> list[Path]:
+  certified = certified_figure("mnist_gauss", MNIST_RUNS[:2], "MNIST, n=10,000, 500 test images",
+                               out / "mnist_certified_accuracy.png")
 
   fig, axes = plt.subplots(1, 3, figsize=(16, 4))
   for prefix, label, _ in MNIST_RUNS:
@@ -480,7 +505,7 @@ TABLES = {
     "cifar10_scratch": scratch_table,
     "cifar10_finetune": finetune_table,
     "ptb": ptb_table,
-    "mnist_certified": certified_table,
+    "mnist_certified": mnist_certified_table,
     "mnist_gradient": mnist_training_table,
 }
 

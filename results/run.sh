@@ -2,6 +2,7 @@
 # Runs the experiments of RESULTS.md; `results/make_results.py` then builds its tables and plots.
 #
 #   results/run.sh cifar10|mnist|certify|ptb|all    (from the repository root)
+#   results/run.sh cifar10_certify
 #   results/run.sh scratch|scratch_more_seeds|finetune|scratch_ablation
 #
 # Every run writes to runs/results/EXPERIMENT/NAME (metrics.jsonl, train.log,
@@ -60,17 +61,37 @@ compare() {
   done
 }
 
-certify() {  # Every 20th MNIST test image (500 images), n0=100, n=10,000, alpha=0.001.
-  local dir=$RUNS/mnist_gauss
+# Certifies a trained run's smoothed classifier at the noise level it was
+# trained with on every SKIP-th test image: n0=100, n=10,000, alpha=0.001.
+# An interrupted certification continues from its last certified image.
+certify_run() {  # certify_run WORKDIR SIGMA SKIP
+  local workdir=$1 sigma=$2 skip=$3
+  if [[ -f "$workdir/certify/certified_accuracy_sigma$sigma.tsv" ]]; then
+    echo "done: $workdir/certify"; return
+  fi
+  echo "certify: $workdir"
+  "$PYTHON" certify.py --workdir "$workdir" --n0 100 --n 10000 --alpha 0.001 --skip "$skip" \
+    >> "$workdir/certify.log" 2>&1
+  grep -A 2 '^Certified accuracy' "$workdir/certify.log" | tail -n 3
+}
+
+certify() {  # Experiment 3: every 20th MNIST test image (500 images).
+  local seed m
   for seed in "${SEEDS[@]}"; do
     for m in 1 5; do
-      local workdir=$dir/m${m}_seed$seed
-      if [[ -f "$workdir/certify/certified_accuracy_sigma0.5.tsv" ]]; then
-        echo "done: $workdir/certify"; continue
-      fi
-      echo "certify: $workdir"
-      "$PYTHON" certify.py --workdir "$workdir" --n0 100 --n 10000 --skip 20 \
-        > "$workdir/certify.log" 2>&1
+      certify_run "$RUNS/mnist_gauss/m${m}_seed$seed" 0.5 20
+    done
+  done
+}
+
+# Experiment 8: Gaussian augmentation vs MaxUp+Gauss (m=5) on CIFAR-10 at
+# sigma 0.25, each run certified on every 50th test image (200 images).
+cifar10_certify() {
+  local dir=$RUNS/cifar10_gauss config=configs/results_cifar10_gauss.py seed m
+  for seed in "${SEEDS[@]}"; do
+    for m in 1 5; do
+      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
+      certify_run "$dir/m${m}_seed$seed" 0.25 50
     done
   done
 }
@@ -140,8 +161,10 @@ mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
 ptb() { compare ptb configs/results_ptb.py 6 1 2; }
 
 case "${1:-}" in
-  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation) "$1" ;;
-  all) cifar10; mnist; certify; ptb; scratch; scratch_more_seeds; finetune; scratch_ablation ;;
-  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|all" >&2
+  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify)
+    "$1" ;;
+  all) cifar10; mnist; certify; ptb; scratch; scratch_more_seeds; finetune; scratch_ablation
+       cifar10_certify ;;
+  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|all" >&2
      exit 2 ;;
 esac

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from configs import cifar_paper, hardware, imagenet_cutmix
-from configs import results_cifar10, results_cifar10_finetune, results_cifar10_scratch
+from configs import results_cifar10, results_cifar10_finetune, results_cifar10_gauss
+from configs import results_cifar10_scratch
 from configs import results_mnist_gauss, results_ptb
 from trainer import image
 
@@ -47,7 +48,8 @@ def test_bad_paper_config_arguments(arg):
 RESULTS_CONFIGS = [(results_cifar10, "1", ("2", "4", "10")), (results_mnist_gauss, "1", ("5",)),
                    (results_ptb, "1", ("2",)), (results_cifar10_scratch, "1", ("2", "4", "10")),
                    (results_cifar10_finetune, "cutout,1", ("cutout,4",)),
-                   (results_cifar10_finetune, "cutmix,1", ("cutmix,4",))]
+                   (results_cifar10_finetune, "cutmix,1", ("cutmix,4",)),
+                   (results_cifar10_gauss, "1", ("5",))]
 
 
 @pytest.mark.parametrize("module, baseline, maxup_args", RESULTS_CONFIGS)
