@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from maxup_jax import augment as augment_lib
 from maxup_jax import models
 from maxup_jax import smoothing
-from trainer import checkpointing, image, input_pipeline
+from trainer import checkpointing, image, input_pipeline, loop
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 HEADER = "\t".join(COLUMNS)
@@ -516,16 +516,13 @@ class TrainedClassifier(NamedTuple):
   step: int
 
 
-RUN_CONFIG_FILE = "config.json"
-
-
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config an image training run wrote to `{workdir}/config.json` when it started."""
-  path = Path(workdir) / RUN_CONFIG_FILE
+  path = Path(workdir) / loop.CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a training run's workdir (train.py writes "
-        f"{RUN_CONFIG_FILE} there when it starts)")
+        f"{loop.CONFIG_FILE} there when it starts)")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   task = config.get("task", "image")
   if task != "image":

@@ -66,9 +66,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   except ValueError as e:
     errors.append(f"model={config.model!r}: {e}")
   check(config.dtype in DTYPES, f"dtype={config.dtype!r}; valid: {sorted(DTYPES)}")
-  check(isinstance(config.batch_size, int) and config.batch_size > 0,
+  check(loop.is_int_at_least(config.batch_size, 1),
         f"batch_size={config.batch_size!r}; must be a positive int")
-  if isinstance(config.batch_size, int) and config.batch_size > 0:
+  if loop.is_int_at_least(config.batch_size, 1):
     check(config.batch_size % num_devices == 0,
           f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
           f"use a multiple of {num_devices}")
@@ -78,12 +78,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"lr_schedule={config.lr_schedule!r}; valid: {list(SCHEDULES)}")
   check(config.weight_decay >= 0, f"weight_decay={config.weight_decay}; must be >= 0")
   maxup = config.maxup
-  check(isinstance(maxup.num_copies, int) and not isinstance(maxup.num_copies, bool)
-        and maxup.num_copies >= 1,
+  check(loop.is_int_at_least(maxup.num_copies, 1),
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
   check(maxup.warmup_epochs >= 0, f"maxup.warmup_epochs={maxup.warmup_epochs}; must be >= 0")
-  check(isinstance(maxup.copies_per_pass, int) and maxup.copies_per_pass >= 0,
+  check(loop.is_int_at_least(maxup.copies_per_pass, 0),
         f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 0 (0 = all copies "
         "in one selection pass)")
   check(maxup.selection_dtype in ("",) + tuple(DTYPES),

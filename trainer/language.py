@@ -118,9 +118,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if not ok:
       errors.append(message)
 
-  def positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
   check(config.dataset in text_data.DATASETS,
         f"dataset={config.dataset!r}; valid: {sorted(text_data.DATASETS)}")
   check(bool(config.data_dir), "data_dir is empty; give the corpus directory (or file)")
@@ -133,8 +130,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       errors.append(f"model: {e}")
   for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "min_seq_len",
                "seq_len_bucket", "num_epochs", "nonmono"):
-    check(positive_int(config[name]), f"{name}={config[name]!r}; must be a positive int")
-  if positive_int(config.batch_size):
+    check(loop.is_int_at_least(config[name], 1),
+          f"{name}={config[name]!r}; must be a positive int")
+  if loop.is_int_at_least(config.batch_size, 1):
     check(config.batch_size % num_devices == 0,
           f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
           f"use a multiple of {num_devices}")
@@ -148,12 +146,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(config.activation_reg >= 0, f"activation_reg={config.activation_reg}; must be >= 0")
   check(config.temporal_activation_reg >= 0,
         f"temporal_activation_reg={config.temporal_activation_reg}; must be >= 0")
-  check(isinstance(config.finetune.num_restarts, int) and config.finetune.num_restarts >= 0,
+  check(loop.is_int_at_least(config.finetune.num_restarts, 0),
         f"finetune.num_restarts={config.finetune.num_restarts!r}; must be an int >= 0")
-  check(positive_int(config.finetune.num_epochs),
+  check(loop.is_int_at_least(config.finetune.num_epochs, 1),
         f"finetune.num_epochs={config.finetune.num_epochs!r}; must be a positive int")
   maxup = config.maxup
-  check(positive_int(maxup.num_copies),
+  check(loop.is_int_at_least(maxup.num_copies, 1),
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
   dyn = config.dynamic_eval
@@ -161,11 +159,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for name in ("learning_rate", "decay", "epsilon"):
       check(dyn[name] > 0, f"dynamic_eval.{name}={dyn[name]}; must be > 0")
     for name in ("seq_len", "stats_batch_size"):
-      check(positive_int(dyn[name]), f"dynamic_eval.{name}={dyn[name]!r}; must be a positive int")
+      check(loop.is_int_at_least(dyn[name], 1),
+            f"dynamic_eval.{name}={dyn[name]!r}; must be a positive int")
     check(dyn.stats_max_segments >= 0,
           f"dynamic_eval.stats_max_segments={dyn.stats_max_segments}; must be >= 0 (0 = all)")
   chunk = config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE)
-  check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
+  check(loop.is_int_at_least(chunk, 0),
         f"vocab_chunk_size={chunk!r}; must be an int >= 0 (0 = full logits)")
   check(config.num_train_tokens >= 0,
         f"num_train_tokens={config.num_train_tokens}; must be >= 0 (0 = all)")

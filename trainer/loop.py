@@ -39,6 +39,14 @@ from trainer import preemption, progress
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+CONFIG_FILE = "config.json"  # Every run's config, in its workdir.
+
+
+def is_int_at_least(value: Any, minimum: int) -> bool:
+  """Whether a count field holds an int (a bool is not one) >= minimum."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def config_errors(config, num_devices: int) -> list[str]:
   """What is wrong with the loop's config fields, one message per bad field."""
   errors = []
@@ -49,14 +57,13 @@ def config_errors(config, num_devices: int) -> list[str]:
 
   for name in ("log_every_steps", "checkpoint_every_steps"):
     value = config[name]
-    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-          f"{name}={value!r}; must be a positive int")
+    check(is_int_at_least(value, 1), f"{name}={value!r}; must be a positive int")
   keep = config.keep_checkpoints
-  check(keep is None or (isinstance(keep, int) and keep > 0),
+  check(keep is None or is_int_at_least(keep, 1),
         f"keep_checkpoints={keep!r}; must be a positive int (or None = keep all)")
   check(config.nonfinite in NONFINITE_POLICIES,
         f"nonfinite={config.nonfinite!r}; valid: {list(NONFINITE_POLICIES)}")
-  check(isinstance(config.profile_steps, int) and config.profile_steps >= 0,
+  check(is_int_at_least(config.profile_steps, 0),
         f"profile_steps={config.profile_steps!r}; must be an int >= 0 (0 = off)")
   if config.expected_device_count:
     check(config.expected_device_count == num_devices,
@@ -340,5 +347,5 @@ class Profiler:
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
