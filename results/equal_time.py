@@ -1,16 +1,21 @@
 """Epochs that give the baseline (m=1) the training time of a MaxUp config.
 
   python results/equal_time.py --config configs/results_cifar10_scratch.py:4 --out FILE.json
+  python results/equal_time.py --config configs/results_ptb.py:2
 
-Times the config's training step at m=1 and at its m in interleaved rounds in
-one process (so load from other processes hits both alike), and prints
+Times the config's training step (image or language model) at m=1 and at its
+m in interleaved rounds in one process (so load from other processes hits
+both alike), and prints
 
   equal-time epochs = warm-up + (epochs - warm-up) * t_MaxUp / t_baseline,
 
 rounded to a multiple of --unit: MaxUp runs its first `maxup.warmup_epochs`
-at the baseline's cost. A ratio of step times measured side by side is
-steadier than a ratio of two runs' wall times on a shared machine. With
---out, the measurement is written there and reused when the file exists.
+(language models: none) at the baseline's cost. A ratio of step times
+measured side by side is steadier than a ratio of two runs' wall times on a
+shared machine; evaluation, the same for both, is left out. A language-model
+step is timed on random tokens over the corpus's published vocabulary, at
+the config's batch size and full `bptt` segment length. With --out, the
+measurement is written there and reused when the file exists.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import common  # noqa: E402  (puts the repository on the import path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer import language, text_data  # noqa: E402
 
 
 def load_config(spec: str):
@@ -35,18 +45,49 @@ def load_config(spec: str):
 
 def equal_time_epochs(config, ratio: float, unit: float) -> float:
   """The baseline epochs that cost what `config`'s MaxUp run costs."""
-  warmup = min(config.maxup.warmup_epochs, config.num_epochs)
+  warmup = min(config.maxup.get("warmup_epochs", 0), config.num_epochs)
   epochs = warmup + (config.num_epochs - warmup) * ratio
   return round(epochs / unit) * unit
 
 
-def measure(config, repeats: int) -> dict:
-  """Seconds per step at m=1 and at the config's m, interleaved; their medians' ratio."""
+class LanguageStepRunner:
+  """Calls a language model's jitted train step on its own (donated) state, one segment a call."""
+
+  def __init__(self, config, num_copies: int):
+    vocab_size = text_data.PUBLISHED_COUNTS[config.dataset].vocab
+    model = language.create_model(config, vocab_size)
+    self.state = jax.jit(lambda: language.initial_train_state(
+        model, config.batch_size, jax.random.key(0)))()
+    self.step_fn = language.make_train_step(config, model, num_copies=num_copies)
+    streams = np.random.default_rng(0).integers(
+        0, vocab_size, (config.batch_size, config.bptt + 1), dtype=np.int32)
+    padded = text_data.padded_length(config.bptt, config.seq_len_bucket)
+    self.batch = jax.device_put(text_data.segment(streams, 0, config.bptt, padded))
+    self.length = jnp.int32(config.bptt)
+    self.key = jax.random.key(1)
+    self.count = 0
+
+  def __call__(self):
+    self.count += 1
+    self.state, metrics = self.step_fn(self.state, self.batch, self.length,
+                                       jax.random.fold_in(self.key, self.count))
+    jax.block_until_ready(metrics)
+
+
+def step_runners(config) -> dict:
+  """A runner of the config's training step at m=1 and at its m."""
+  num_copies = config.maxup.num_copies
+  if config.get("task", "image") == "language":
+    return {m: LanguageStepRunner(config, m) for m in (1, num_copies)}
   steps = common.Steps(config.model, config.batch_size, dtype=config.dtype, config=config)
   batch = steps.batch()
+  return {m: common.StepRunner(steps, steps.train_step(m), batch) for m in (1, num_copies)}
+
+
+def measure(config, repeats: int) -> dict:
+  """Seconds per step at m=1 and at the config's m, interleaved; their medians' ratio."""
   num_copies = config.maxup.num_copies
-  runners = {m: common.StepRunner(steps, steps.train_step(m), batch) for m in (1, num_copies)}
-  times = common.interleaved_medians(runners, repeats, warmup=2)
+  times = common.interleaved_medians(step_runners(config), repeats, warmup=2)
   baseline, maxup = common.median(times[1]), common.median(times[num_copies])
   return {"num_copies": num_copies, "baseline_step_s": baseline, "maxup_step_s": maxup,
           "ratio": maxup / baseline, "repeats": repeats, **common.environment()}
