@@ -80,9 +80,9 @@ def collect(runs_dir: Path) -> None:
       # A progress bar rewrites its line with carriage returns: keep each line's final state.
       lines = (line.split("\r")[-1] for line in (run / "train.log").read_text().splitlines())
       (target / "train.log").write_text("\n".join(line for line in lines if line.strip()) + "\n")
-    for tsv in sorted((run / "certify").glob("*.tsv")):
+    for log in sorted((run / "certify").glob("*.tsv")) + sorted((run / "certify").glob("*.json")):
       (target / "certify").mkdir(exist_ok=True)
-      shutil.copy(tsv, target / "certify" / tsv.name)
+      shutil.copy(log, target / "certify" / log.name)
     print(f"collected: {run} -> {target.relative_to(REPO)}")
   # The measured step-time ratio behind an experiment's equal-time baseline.
   for measurement in sorted(runs_dir.glob("*/equal_time.json")):
@@ -315,9 +315,25 @@ def mnist_certified_table() -> str:
   return certified_table("mnist_gauss", MNIST_RUNS[:2])
 
 
+def certify_commands(experiment: str, specs) -> str:
+  """The certify.py command of each method's runs, its options from the certification's config."""
+  sigma, _ = CERTIFICATION[experiment]
+  lines, seeds = [], set()
+  for prefix, _, _ in specs:
+    logs = certification_logs(experiment, prefix)
+    if logs:
+      seeds.update(seed_of(run) for run, _ in logs)
+      options = json.loads((logs[0][0] / "certify" / f"certify_sigma{sigma}.json").read_text())
+      lines.append(f"  python certify.py --workdir runs/results/{experiment}/{prefix}_seed$SEED "
+                   + " ".join(f"--{name} {options[name]}" for name in ("n0", "n", "alpha", "skip")))
+  header = f"for SEED in {' '.join(str(s) for s in sorted(seeds))}; do"
+  return "```bash\n" + "\n".join([header] + lines + ["done"]) + "\n```"
+
+
 def cifar_certified_table() -> str:
   table = certified_table("cifar10_gauss", CIFAR_GAUSS_RUNS)
-  return table + "\n\n" + commands_block("cifar10_gauss", CIFAR_GAUSS_RUNS)
+  return "\n\n".join([table, commands_block("cifar10_gauss", CIFAR_GAUSS_RUNS),
+                        certify_commands("cifar10_gauss", CIFAR_GAUSS_RUNS)])
 
 
 def mnist_training_table() -> str:
