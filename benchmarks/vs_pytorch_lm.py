@@ -78,7 +78,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets up the import path of the repository)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -226,30 +225,6 @@ class TorchTrainer:
 # Our side.
 
 
-class JaxRunner:
-  """Calls our jitted train step on its own (donated) state; records CPU times per call."""
-
-  def __init__(self, config, vocab_size, batch, length, num_copies):
-    self.model = language.create_model(config, vocab_size)
-    self.state = jax.jit(lambda: language.initial_train_state(
-        self.model, config.batch_size, jax.random.key(0)))()
-    self.step_fn = language.make_train_step(config, self.model, num_copies=num_copies)
-    self.batch = jax.device_put(batch)
-    self.length = jnp.int32(length)
-    self.key = jax.random.key(1)
-    self.count = 0
-    self.cpu_times = []  # (user, system) seconds of each call.
-
-  def __call__(self):
-    self.count += 1
-    before = os.times()
-    self.state, metrics = self.step_fn(self.state, self.batch, self.length,
-                                       jax.random.fold_in(self.key, self.count))
-    jax.block_until_ready(metrics)
-    after = os.times()
-    self.cpu_times.append((after.user - before.user, after.system - before.system))
-
-
 class TimedCPU:
   """Wraps a callable to record its process CPU times per call."""
 
@@ -285,7 +260,7 @@ def compare_step(shape: str, args) -> list[list]:
       variant_config = shape_config(shape, args, variant)
       padded = text_data.padded_length(args.bptt, variant_config.seq_len_bucket)
       batch = text_data.segment(streams, 0, args.bptt, padded)
-      runners[f"jax {kind} {variant}"] = JaxRunner(variant_config, vocab_size, batch, args.bptt,
+      runners[f"jax {kind} {variant}"] = common.LanguageStepRunner(variant_config, vocab_size, batch, args.bptt,
                                                    copies)
     torch_trainers[kind] = TorchTrainer(config, vocab_size, batch["inputs"], batch["targets"],
                                         args.bptt)

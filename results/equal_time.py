@@ -29,11 +29,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import common  # noqa: E402  (puts the repository on the import path)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import language, text_data  # noqa: E402
+from trainer import text_data  # noqa: E402
 
 
 def load_config(spec: str):
@@ -50,35 +48,17 @@ def equal_time_epochs(config, ratio: float, unit: float) -> float:
   return round(epochs / unit) * unit
 
 
-class LanguageStepRunner:
-  """Calls a language model's jitted train step on its own (donated) state, one segment a call."""
-
-  def __init__(self, config, num_copies: int):
-    vocab_size = text_data.PUBLISHED_COUNTS[config.dataset].vocab
-    model = language.create_model(config, vocab_size)
-    self.state = jax.jit(lambda: language.initial_train_state(
-        model, config.batch_size, jax.random.key(0)))()
-    self.step_fn = language.make_train_step(config, model, num_copies=num_copies)
-    streams = np.random.default_rng(0).integers(
-        0, vocab_size, (config.batch_size, config.bptt + 1), dtype=np.int32)
-    padded = text_data.padded_length(config.bptt, config.seq_len_bucket)
-    self.batch = jax.device_put(text_data.segment(streams, 0, config.bptt, padded))
-    self.length = jnp.int32(config.bptt)
-    self.key = jax.random.key(1)
-    self.count = 0
-
-  def __call__(self):
-    self.count += 1
-    self.state, metrics = self.step_fn(self.state, self.batch, self.length,
-                                       jax.random.fold_in(self.key, self.count))
-    jax.block_until_ready(metrics)
-
-
 def step_runners(config) -> dict:
   """A runner of the config's training step at m=1 and at its m."""
   num_copies = config.maxup.num_copies
   if config.get("task", "image") == "language":
-    return {m: LanguageStepRunner(config, m) for m in (1, num_copies)}
+    vocab_size = text_data.PUBLISHED_COUNTS[config.dataset].vocab
+    streams = np.random.default_rng(0).integers(
+        0, vocab_size, (config.batch_size, config.bptt + 1), dtype=np.int32)
+    padded = text_data.padded_length(config.bptt, config.seq_len_bucket)
+    batch = text_data.segment(streams, 0, config.bptt, padded)
+    return {m: common.LanguageStepRunner(config, vocab_size, batch, config.bptt, m)
+            for m in (1, num_copies)}
   steps = common.Steps(config.model, config.batch_size, dtype=config.dtype, config=config)
   batch = steps.batch()
   return {m: common.StepRunner(steps, steps.train_step(m), batch) for m in (1, num_copies)}
