@@ -56,6 +56,7 @@ FINETUNE_AUGMENTATIONS = {"cutout": "Cutout", "cutmix": "CutMix"}  # config argu
 CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
                 "ptb": "configs/results_ptb.py", "cifar10_gauss": "configs/results_cifar10_gauss.py",
                 "cifar10_scratch": "configs/results_cifar10_scratch.py",
+                "ptb_asgd": "configs/results_ptb_asgd.py",
                 **{f"cifar10_finetune_{aug}": "configs/results_cifar10_finetune.py"
                    for aug in FINETUNE_AUGMENTATIONS}}
 
@@ -280,6 +281,72 @@ def ptb_table() -> str:
   return markdown_table(header, rows) + "\n\n" + commands_block("ptb", PTB_RUNS)
 
 
+def switch_epoch(run: Path) -> str:
+  """The epoch after which NT-ASGD switched a run from SGD to ASGD ("-" if it never did)."""
+  epochs = [r["epoch"] for r in read_records(run) if r["split"] == "valid" and r["switched_to_asgd"]]
+  return str(epochs[0]) if epochs else "-"
+
+
+def ptb_dropout_table() -> str:
+  """Experiment 9's dropout grid: the baseline at seed 0, phase 0 of the recipe only."""
+  rows, runs = [], sorted((LOGS / "ptb_asgd_dropout").glob("dropout*_seed0"),
+                          key=lambda r: config_of(r)["model"]["input_dropout"])
+  for run in runs:
+    sgd = [r["perplexity"] for r in read_records(run) if r["split"] == "valid" and not r["averaged"]]
+    rows.append([f"{config_of(run)['model']['input_dropout']:g}", switch_epoch(run),
+                 f"{min(sgd):.1f}", f"{summary(run)['valid_perplexity']:.1f}",
+                 f"{summary(run)['test_perplexity']:.1f}",
+                 f"{series(run, 'train', 'perplexity', x='step')[1][-1]:.1f}",
+                 f"{wall_seconds(run) / 60:.1f}"])
+  header = ["dropout (locked and weight)", "switch to ASGD after epoch",
+            "best valid ppl under SGD", "valid ppl (best weights)", "test ppl (best weights)",
+            "train ppl (with dropout, last log)", "wall time (min)"]
+  if not runs:
+    return markdown_table(header, rows)
+  dropouts = " ".join(row[0] for row in rows)
+  commands = ("```bash\n"
+              f"for DROPOUT in {dropouts}; do\n"
+              f"  python train.py --config {CONFIG_FILES['ptb_asgd']}:$DROPOUT,1 --config.seed=0 "
+              "--config.finetune.num_restarts=0 --config.dynamic_eval.enabled=False "
+              "--workdir runs/results/ptb_asgd_dropout/dropout${DROPOUT}_seed0\n"
+              "done\n```")
+  return markdown_table(header, rows) + "\n\n" + commands
+
+
+def ptb_asgd_specs():
+  """PTB_RUNS with the dropout the grid chose (that of the seed-0 baseline) in the config argument."""
+  baselines = seed_runs("ptb_asgd", "m1")
+  dropout = config_of(baselines[0])["model"]["input_dropout"] if baselines else 0.0
+  return [(prefix, label, f"{dropout:g},{arg}") for prefix, label, arg in PTB_RUNS]
+
+
+def ptb_asgd_table() -> str:
+  """Experiment 9: the whole AWD-LSTM recipe (NT-ASGD, a fine-tuning restart, dynamic evaluation)."""
+  rows = []
+  specs = ptb_asgd_specs()
+  for prefix, label, _ in specs:
+    runs = seed_runs("ptb_asgd", prefix)
+    if not runs:
+      continue
+    config = config_of(runs[0])
+    test = [summary(r)["test_perplexity"] for r in runs]
+    rows.append([
+        label, str(len(runs)), f"{config['num_epochs']:g}",
+        " / ".join(switch_epoch(r) for r in runs),
+        " / ".join(str(summary(r)["epochs"]) for r in runs),
+        mean_std([summary(r)["valid_perplexity"] for r in runs], digits=1),
+        mean_std(test, digits=1), per_seed(test, digits=1),
+        mean_std([summary(r)["dynamic_valid_perplexity"] for r in runs], digits=1),
+        mean_std([summary(r)["dynamic_test_perplexity"] for r in runs], digits=1),
+        mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
+        minutes(runs)])
+  header = ["method", "seeds", "epochs before fine-tuning", "switch to ASGD after epoch (by seed)",
+            "epochs in all (by seed)", "valid ppl (best weights)", "test ppl (best weights)",
+            "test ppl by seed (0 / 1 / ...)", "valid ppl, dynamic eval", "test ppl, dynamic eval",
+            "train ppl (with dropout, last log)", "wall time (min)"]
+  return markdown_table(header, rows) + "\n\n" + commands_block("ptb_asgd", specs)
+
+
 def certification_logs(experiment: str, prefix: str) -> list[tuple[Path, certification.CertificationLog]]:
   """(run, log) of each seed whose certification finished (it writes the accuracy table last)."""
   sigma, _ = CERTIFICATION[experiment]
@@ -448,6 +515,29 @@ def ptb_figure(out: Path) -> Path:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, out / "ptb_valid_perplexity.png")
+
+
+def ptb_asgd_figure(out: Path) -> Path:
+  """Experiment 9: validation perplexity of every run, with NT-ASGD's switch and the restart marked."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for (prefix, label, _), color in zip(ptb_asgd_specs(), colors):
+    runs = seed_runs("ptb_asgd", prefix)
+    for i, run in enumerate(runs):
+      valid = [r for r in read_records(run) if r["split"] == "valid"]
+      ax.plot([r["epoch"] for r in valid], [r["perplexity"] for r in valid], color=color, lw=1,
+              label=f"{label} ({len(runs)} seeds)" if i == 0 else None)
+      for key, marker in (("switched_to_asgd", "v"), ("restarted", "o")):
+        marked = [r for r in valid if r[key]]
+        ax.plot([r["epoch"] for r in marked], [r["perplexity"] for r in marked], marker,
+                color=color, ms=6)
+  ax.plot([], [], "kv", label="NT-ASGD switch")
+  ax.plot([], [], "ko", label="fine-tuning restart")
+  ax.set(xlabel="epoch", ylabel="validation perplexity (full set)", yscale="log",
+         title="PTB, 2x200 LSTM, 100k training tokens, AWD-LSTM recipe")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  return _save(fig, out / "ptb_asgd_valid_perplexity.png")
 
 
 def certified_figure(experiment: str, specs, title: str, path: Path) -> Path:

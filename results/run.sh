@@ -2,7 +2,7 @@
 # Runs the experiments of RESULTS.md; `results/make_results.py` then builds its tables and plots.
 #
 #   results/run.sh cifar10|mnist|certify|ptb|all    (from the repository root)
-#   results/run.sh cifar10_certify
+#   results/run.sh cifar10_certify|ptb_asgd
 #   results/run.sh scratch|scratch_more_seeds|finetune|scratch_ablation
 #
 # Every run writes to runs/results/EXPERIMENT/NAME (metrics.jsonl, train.log,
@@ -156,15 +156,54 @@ finetune() {
   done
 }
 
+# Experiment 9: PTB past NT-ASGD's switch. First the baseline's dropout, a
+# grid at seed 0 without the fine-tuning restart or dynamic evaluation; the
+# lowest validation perplexity of the best weights picks the dropout of
+# every later run.
+ptb_asgd_dropout() {
+  local dir=$RUNS/ptb_asgd_dropout config=configs/results_ptb_asgd.py dropout
+  for dropout in 0.1 0.3 0.5; do
+    train "$dir/dropout${dropout}_seed0" "$config:$dropout,1" --config.seed=0 \
+      --config.finetune.num_restarts=0 --config.dynamic_eval.enabled=False
+  done
+}
+
+best_dropout() {  # best_dropout GRID_DIR: the dropout of the grid run with the best validation
+  "$PYTHON" - "$1" <<'PY'
+import json, pathlib, sys
+def valid_perplexity(run):
+  lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+  return [l for l in lines if l["split"] == "summary"][-1]["valid_perplexity"]
+runs = sorted(pathlib.Path(sys.argv[1]).glob("dropout*_seed0"))
+best = min(runs, key=valid_perplexity)
+print(json.loads((best / "config.json").read_text())["model"]["input_dropout"])
+PY
+}
+
+ptb_asgd() {
+  local dir=$RUNS/ptb_asgd config=configs/results_ptb_asgd.py dropout equal seed m
+  ptb_asgd_dropout
+  dropout=$(best_dropout "$RUNS/ptb_asgd_dropout")
+  echo "dropout: $dropout"
+  equal=$(measured_equal_time "$dir" "$config:$dropout,2" 1)
+  for seed in "${SEEDS[@]}"; do
+    for m in 1 2; do
+      train "$dir/m${m}_seed$seed" "$config:$dropout,$m" --config.seed="$seed"
+    done
+    train "$dir/m1_equal_time_seed$seed" "$config:$dropout,1" --config.seed="$seed" \
+      --config.num_epochs="$equal"
+  done
+}
+
 cifar10() { compare cifar10 configs/results_cifar10.py 30 1 4 2 10; }
 mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
 ptb() { compare ptb configs/results_ptb.py 6 1 2; }
 
 case "${1:-}" in
-  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify)
+  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|ptb_asgd)
     "$1" ;;
   all) cifar10; mnist; certify; ptb; scratch; scratch_more_seeds; finetune; scratch_ablation
-       cifar10_certify ;;
-  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|all" >&2
+       cifar10_certify; ptb_asgd ;;
+  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|ptb_asgd|all" >&2
      exit 2 ;;
 esac

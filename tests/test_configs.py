@@ -8,8 +8,8 @@ import pytest
 from configs import cifar_paper, hardware, imagenet_cutmix
 from configs import results_cifar10, results_cifar10_finetune, results_cifar10_gauss
 from configs import results_cifar10_scratch
-from configs import results_mnist_gauss, results_ptb
-from trainer import image
+from configs import results_mnist_gauss, results_ptb, results_ptb_asgd
+from trainer import image, language
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,7 +49,8 @@ RESULTS_CONFIGS = [(results_cifar10, "1", ("2", "4", "10")), (results_mnist_gaus
                    (results_ptb, "1", ("2",)), (results_cifar10_scratch, "1", ("2", "4", "10")),
                    (results_cifar10_finetune, "cutout,1", ("cutout,4",)),
                    (results_cifar10_finetune, "cutmix,1", ("cutmix,4",)),
-                   (results_cifar10_gauss, "1", ("5",))]
+                   (results_cifar10_gauss, "1", ("5",)),
+                   (results_ptb_asgd, "0.3,1", ("0.3,2",))]
 
 
 @pytest.mark.parametrize("module, baseline, maxup_args", RESULTS_CONFIGS)
@@ -71,6 +72,17 @@ def test_results_configs_reject_other_copy_counts(module, baseline):
   prefix = baseline.rpartition(",")[0] + "," if "," in baseline else ""
   with pytest.raises(ValueError, match="M='3'; valid"):
     module.get_config(prefix + "3")
+
+
+def test_ptb_asgd_sets_every_dropout_but_the_embeddings_and_rejects_bad_values():
+  config = results_ptb_asgd.get_config("0.5,2")
+  assert [config.model[name] for name in ("input_dropout", "hidden_dropout", "output_dropout",
+                                          "weight_dropout")] == [0.5] * 4
+  assert config.model.embed_dropout == 0.1 and config.finetune.num_restarts == 1
+  language.validate_config(config, num_devices=1)
+  for arg in ("1.0,1", "-0.1,1", "high,2", "2"):
+    with pytest.raises(ValueError, match="DROPOUT=.*must be a number in \\[0, 1\\)"):
+      results_ptb_asgd.get_config(arg)
 
 
 def test_fine_tune_starts_from_the_scratch_baseline_and_rejects_other_augmentations():
