@@ -168,15 +168,20 @@ ptb_asgd_dropout() {
   done
 }
 
-best_dropout() {  # best_dropout GRID_DIR: the dropout of the grid run with the best validation
+# The dropout of the grid run with the best validation perplexity among those
+# NT-ASGD switched to ASGD (the experiment is about the regime after it).
+best_dropout() {  # best_dropout GRID_DIR
   "$PYTHON" - "$1" <<'PY'
 import json, pathlib, sys
+def records(run):
+  return [json.loads(line) for line in open(run / "metrics.jsonl")]
 def valid_perplexity(run):
-  lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
-  return [l for l in lines if l["split"] == "summary"][-1]["valid_perplexity"]
+  return [r for r in records(run) if r["split"] == "summary"][-1]["valid_perplexity"]
 runs = sorted(pathlib.Path(sys.argv[1]).glob("dropout*_seed0"))
-best = min(runs, key=valid_perplexity)
-print(json.loads((best / "config.json").read_text())["model"]["input_dropout"])
+switched = [run for run in runs if any(r.get("switched_to_asgd") for r in records(run))]
+if not switched:
+  sys.exit(f"no grid run in {sys.argv[1]} switched to ASGD: raise num_epochs in the config")
+print(json.loads((min(switched, key=valid_perplexity) / "config.json").read_text())["model"]["input_dropout"])
 PY
 }
 
