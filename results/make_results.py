@@ -612,6 +612,7 @@ TABLES = {
     "cifar10_finetune": finetune_table,
     "ptb": ptb_table,
     "mnist_certified": mnist_certified_table,
+    "cifar10_certified": cifar_certified_table,
     "mnist_gradient": mnist_training_table,
 }
 
@@ -637,7 +638,10 @@ def main() -> None:
   tables = {name: make() for name, make in TABLES.items()}
   args.results_md.write_text(fill_tables(args.results_md.read_text(), tables))
   print(f"tables written into {args.results_md}")
-  figures = cifar_figures(args.figures) + [finetune_figure(args.figures), ptb_figure(args.figures)]
+  figures = cifar_figures(args.figures) + [
+      finetune_figure(args.figures), ptb_figure(args.figures),
+      certified_figure("cifar10_gauss", CIFAR_GAUSS_RUNS, "CIFAR-10, n=10,000, 200 test images",
+                       args.figures / "cifar10_certified_accuracy.png")]
   for path in figures + mnist_figures(args.figures):
     print(f"figure: {path}")
 

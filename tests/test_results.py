@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablation.png",
            "cifar10_finetune_curves.png", "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
-           "mnist_input_gradient_norm.png")
+           "mnist_input_gradient_norm.png", "cifar10_certified_accuracy.png")
 
 
 def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
@@ -29,7 +29,7 @@ def test_every_table_averages_at_least_three_seeds():
   blocks = re.findall(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, re.S)
   assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "cifar10_scratch",
                                           "cifar10_finetune", "ptb", "mnist_certified",
-                                          "mnist_gradient"}
+                                          "mnist_gradient", "cifar10_certified"}
   for name, block in blocks:
     rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 3, name  # A header and at least two compared methods.
