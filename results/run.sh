@@ -104,18 +104,23 @@ measured_equal_time() {  # measured_equal_time DIR CONFIG:ARG UNIT
   "$PYTHON" results/equal_time.py --config "$2" --unit "$3" --out "$1/equal_time.json"
 }
 
-# Experiment 6: from scratch until the baseline fits its 2,500 images.
-scratch() {
-  local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py equal seed m
-  equal=$(measured_equal_time "$dir" "$config:4" 1)
+# Per seed: the baseline (m=1), MaxUp with MAXUP copies, and the baseline
+# given MaxUp's time (its epochs from measured_equal_time). CONFIG_PREFIX is
+# the config argument up to M: "configs/NAME.py:" or "configs/NAME.py:ARG,".
+measured_compare() {  # measured_compare DIR CONFIG_PREFIX MAXUP UNIT
+  local dir=$1 config=$2 maxup=$3 unit=$4 equal seed m
+  equal=$(measured_equal_time "$dir" "$config$maxup" "$unit")
   for seed in "${SEEDS[@]}"; do
-    for m in 1 4; do
-      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
+    for m in 1 "$maxup"; do
+      train "$dir/m${m}_seed$seed" "$config$m" --config.seed="$seed"
     done
-    train "$dir/m1_equal_time_seed$seed" "$config:1" --config.seed="$seed" \
+    train "$dir/m1_equal_time_seed$seed" "${config}1" --config.seed="$seed" \
       --config.num_epochs="$equal"
   done
 }
+
+# Experiment 6: from scratch until the baseline fits its 2,500 images.
+scratch() { measured_compare "$RUNS/cifar10_scratch" configs/results_cifar10_scratch.py: 4 1; }
 
 # Experiment 6, seeds 3 and 4 of the two methods whose difference three seeds
 # left within noise.
@@ -139,20 +144,12 @@ scratch_ablation() {  # m = 2 and 10 in experiment 6's regime.
 
 # Experiment 7: fine-tune experiment 6's seed-0 baseline, Cutout and CutMix.
 finetune() {
-  local config=configs/results_cifar10_finetune.py aug dir equal seed m
+  local config=configs/results_cifar10_finetune.py aug
   if ! finished "$RUNS/cifar10_scratch/m1_seed0"; then
     echo "finetune needs $RUNS/cifar10_scratch/m1_seed0: run '$0 scratch' first" >&2; exit 1
   fi
   for aug in cutout cutmix; do
-    dir=$RUNS/cifar10_finetune_$aug
-    equal=$(measured_equal_time "$dir" "$config:$aug,4" 0.5)
-    for seed in "${SEEDS[@]}"; do
-      for m in 1 4; do
-        train "$dir/m${m}_seed$seed" "$config:$aug,$m" --config.seed="$seed"
-      done
-      train "$dir/m1_equal_time_seed$seed" "$config:$aug,1" --config.seed="$seed" \
-        --config.num_epochs="$equal"
-    done
+    measured_compare "$RUNS/cifar10_finetune_$aug" "$config:$aug," 4 0.5
   done
 }
 
@@ -186,18 +183,11 @@ PY
 }
 
 ptb_asgd() {
-  local dir=$RUNS/ptb_asgd config=configs/results_ptb_asgd.py dropout equal seed m
+  local dropout
   ptb_asgd_dropout
   dropout=$(best_dropout "$RUNS/ptb_asgd_dropout")
   echo "dropout: $dropout"
-  equal=$(measured_equal_time "$dir" "$config:$dropout,2" 1)
-  for seed in "${SEEDS[@]}"; do
-    for m in 1 2; do
-      train "$dir/m${m}_seed$seed" "$config:$dropout,$m" --config.seed="$seed"
-    done
-    train "$dir/m1_equal_time_seed$seed" "$config:$dropout,1" --config.seed="$seed" \
-      --config.num_epochs="$equal"
-  done
+  measured_compare "$RUNS/ptb_asgd" "configs/results_ptb_asgd.py:$dropout," 2 1
 }
 
 cifar10() { compare cifar10 configs/results_cifar10.py 30 1 4 2 10; }
