@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 SHAPES = {
     # configs/ptb_small_lstm.py as it is: 2 x 200 LSTM, vocabulary 10k, 32 streams.
@@ -260,8 +259,8 @@ def compare_step(shape: str, args) -> list[list]:
       variant_config = shape_config(shape, args, variant)
       padded = text_data.padded_length(args.bptt, variant_config.seq_len_bucket)
       batch = text_data.segment(streams, 0, args.bptt, padded)
-      runners[f"jax {kind} {variant}"] = common.LanguageStepRunner(variant_config, vocab_size, batch, args.bptt,
-                                                   copies)
+      runners[f"jax {kind} {variant}"] = common.LanguageStepRunner(
+          variant_config, vocab_size, batch, args.bptt, copies)
     torch_trainers[kind] = TorchTrainer(config, vocab_size, batch["inputs"], batch["targets"],
                                         args.bptt)
   runners["torch standard"] = TimedCPU(torch_trainers["standard"].standard_step)
