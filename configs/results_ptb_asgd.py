@@ -15,7 +15,8 @@ PTB training tokens (~90 steps an epoch).
 
 DROPOUT is the locked (input, between-layer, output) and weight dropout,
 chosen for the baseline by a grid (`results/run.sh ptb_asgd`: 0.1, 0.3,
-0.5 at seed 0, lowest validation perplexity) and then used for every run;
+0.5 at seed 0; the lowest validation perplexity among the runs NT-ASGD
+switched to ASGD) and then used for every run;
 the embedding dropout, MaxUp's perturbation, stays at AWD-LSTM's 0.1. The
 two methods differ only in M. Seeds by `--config.seed`; the same-time
 baseline is M=1 with `--config.num_epochs` from `results/equal_time.py`.
