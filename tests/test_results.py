@@ -38,3 +38,19 @@ def test_every_table_averages_at_least_three_seeds():
     for row in rows[1:]:
       cells = [cell.strip() for cell in row.strip("|").split("|")]
       assert int(cells[seeds_column]) >= 3, (name, row)
+
+
+def test_run_sh_on_a_fresh_checkout_skips_the_collected_runs(tmp_path):
+  # A copy of results/ with no runs/ beside it: every run of experiment 2 is in
+  # results/logs, so nothing trains (there is no train.py here to run).
+  shutil.copytree(REPO / "results", tmp_path / "results")
+  completed = subprocess.run(["bash", "results/run.sh", "ptb"], cwd=tmp_path, capture_output=True,
+                             text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+  assert completed.returncode == 0, completed.stderr
+  lines = completed.stdout.splitlines()
+  collected = sorted(p.name for p in (REPO / "results/logs/ptb").iterdir() if p.is_dir())
+  assert sorted(line.removeprefix("done: runs/results/ptb/") for line in lines) == collected
+  for run in collected:
+    for name in ("config.json", "metrics.jsonl"):
+      restored = tmp_path / "runs/results/ptb" / run / name
+      assert restored.read_bytes() == (REPO / "results/logs/ptb" / run / name).read_bytes()
