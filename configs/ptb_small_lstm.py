@@ -1,7 +1,7 @@
 """A small LSTM on Penn Treebank with MaxUp (m=2), sized for a 2-core CPU.
 
 AWD-LSTM's recipe (configs/ptb_awd_lstm.py) scaled down to one epoch: a
-2-layer LSTM with 200 units and tied 200-d embeddings (2.4M parameters),
+2-layer LSTM with 200 units and tied 200-d embeddings (2.65M parameters),
 32 streams of ~35-token segments, light dropout, MaxUp over word-embedding
 dropout with m=2, then test perplexity at batch size 1 and dynamic
 evaluation with gradient statistics from 200 training segments.

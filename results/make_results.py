@@ -611,6 +611,7 @@ TABLES = {
     "cifar10_scratch": scratch_table,
     "cifar10_finetune": finetune_table,
     "ptb": ptb_table,
+    "ptb_asgd_dropout": ptb_dropout_table,
     "mnist_certified": mnist_certified_table,
     "cifar10_certified": cifar_certified_table,
     "mnist_gradient": mnist_training_table,
