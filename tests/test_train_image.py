@@ -244,6 +244,10 @@ def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
   params, step = final_params(tmp_path)
   assert step == 8
   chex.assert_trees_all_close(params, final_params(reference_run[0])[0], rtol=1e-5, atol=1e-6)
+  # Each part of the run says which machine it ran on.
+  hosts = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "host"]
+  assert [r["step"] for r in hosts] == [0, saved[0]]
+  assert all(r["cpu"] and r["platform"] == "cpu" for r in hosts)
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, tmp_path):

@@ -187,6 +187,8 @@ def _run(task: Task, config, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   if start_step == 0:
     _write_config(config, workdir)
+  # Every start, resumes included: a resumed run's parts may run on different machines.
+  writer.write(start_step, "host", metrics_lib.host_record())
 
   def check_finite(window):
     bad_step = window.first_nonfinite_step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import time
 from typing import Mapping
 
@@ -54,6 +55,40 @@ class MetricWriter:
     if self._tensorboard is not None:
       self._tensorboard.close()
       self._tensorboard = None
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU, specific enough to tell machines apart whose vendors' names are the same.
+
+  Cloud VMs often report only a family name ("AMD EPYC"), so the x86 family
+  and model numbers and the widest vector extension (which decides XLA:CPU's
+  speed) are added where /proc/cpuinfo gives them.
+  """
+  fields = {}
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if not line.strip():
+          break  # The first processor's block is enough.
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  flags = set(fields.get("flags", "").split())
+  details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+  vector = next((ext for ext in ("avx512f", "avx2", "avx") if ext in flags), None)
+  if vector:
+    details.append(vector.upper().removesuffix("F"))
+  return f"{name} ({', '.join(details)})" if details else name
+
+
+def host_record() -> dict:
+  """What a run's wall times depend on: CPU, cores, devices and versions."""
+  return {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "platform": jax.default_backend(),
+          "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+          "num_processes": jax.process_count(), "jax": jax.__version__,
+          "python": platform.python_version()}
 
 
 def read_metrics(workdir: str) -> list[dict]:
