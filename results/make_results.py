@@ -167,6 +167,21 @@ def commands_block(experiment: str, specs) -> str:
   return "```bash\n" + "\n".join(lines) + "\n```"
 
 
+def cpus(run: Path) -> str:
+  """The CPUs a run's parts ran on, from its host records (written at every start and resume)."""
+  names = dict.fromkeys(r["cpu"] for r in read_records(run) if r["split"] == "host")
+  return " + ".join(names) or "not recorded"
+
+
+def cpu_note(runs) -> str:
+  """Which CPU each run's wall time is from, for experiments whose runs span machines."""
+  by_cpu: dict[str, list[str]] = {}
+  for run in runs:
+    by_cpu.setdefault(cpus(run), []).append(run.name)
+  return "Wall times by CPU: " + "; ".join(f"{cpu}: {', '.join(names)}"
+                                           for cpu, names in by_cpu.items()) + "."
+
+
 def minutes(runs) -> str:
   return mean_std([wall_seconds(r) / 60 for r in runs], digits=1)
 
@@ -339,12 +354,15 @@ def ptb_asgd_table() -> str:
         mean_std([summary(r)["dynamic_valid_perplexity"] for r in runs], digits=1),
         mean_std([summary(r)["dynamic_test_perplexity"] for r in runs], digits=1),
         mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
-        minutes(runs)])
+        per_seed([wall_seconds(r) / 60 for r in runs], digits=1)])
   header = ["method", "seeds", "epochs before fine-tuning", "switch to ASGD after epoch (by seed)",
             "epochs in all (by seed)", "valid ppl (best weights)", "test ppl (best weights)",
             "test ppl by seed (0 / 1 / ...)", "valid ppl, dynamic eval", "test ppl, dynamic eval",
-            "train ppl (with dropout, last log)", "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + commands_block("ptb_asgd", specs)
+            "train ppl (with dropout, last log)", "wall time (min, by seed)"]
+  # The runs spanned sessions on different machines, so their times are by seed and by CPU.
+  runs = [run for prefix, _, _ in specs for run in seed_runs("ptb_asgd", prefix)]
+  return "\n\n".join([markdown_table(header, rows), cpu_note(runs),
+                     commands_block("ptb_asgd", specs)])
 
 
 def certification_logs(experiment: str, prefix: str) -> list[tuple[Path, certification.CertificationLog]]:
