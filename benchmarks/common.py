@@ -38,6 +38,7 @@ from configs import cifar10_resnet20  # noqa: E402
 from maxup_jax import losses, models  # noqa: E402
 from trainer import image, language  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
+from trainer.metrics import cpu_name  # noqa: E402
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
@@ -221,17 +222,6 @@ def median(values) -> float:
   return statistics.median(values)
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def environment(**extra) -> dict[str, Any]:
   """Machine, versions, date and load: the header of every benchmark table."""
   import flax
@@ -239,7 +229,7 @@ def environment(**extra) -> dict[str, Any]:
   info = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "nproc": os.cpu_count(),
-      "cpu": cpu_model(),
+      "cpu": cpu_name(),
       "devices": ", ".join(sorted({d.device_kind for d in jax.devices()})) +
                  f" x{jax.device_count()}",
       "python": platform.python_version(),
