@@ -335,16 +335,31 @@ def ptb_asgd_specs():
   return [(prefix, label, f"{dropout:g},{arg}") for prefix, label, arg in PTB_RUNS]
 
 
+def paired_change(runs, baselines: dict[int, Path]) -> str:
+  """Test perplexity minus that of the same seed's baseline, best weights; dynamic evaluation.
+
+  Seeds share initialisation and data order, so the paired difference removes
+  the seed-to-seed spread the two methods have in common.
+  """
+  pairs = [(r, baselines[seed_of(r)]) for r in runs if seed_of(r) in baselines]
+  if not pairs or all(run == baseline for run, baseline in pairs):
+    return "-"
+  return "; ".join(mean_std([summary(r)[key] - summary(b)[key] for r, b in pairs], digits=1)
+                   for key in ("test_perplexity", "dynamic_test_perplexity"))
+
+
 def ptb_asgd_table() -> str:
   """Experiment 9: the whole AWD-LSTM recipe (NT-ASGD, a fine-tuning restart, dynamic evaluation)."""
   rows = []
   specs = ptb_asgd_specs()
+  baselines = {seed_of(r): r for r in seed_runs("ptb_asgd", "m1")}
   for prefix, label, _ in specs:
     runs = seed_runs("ptb_asgd", prefix)
     if not runs:
       continue
     config = config_of(runs[0])
     test = [summary(r)["test_perplexity"] for r in runs]
+    dynamic_test = [summary(r)["dynamic_test_perplexity"] for r in runs]
     rows.append([
         label, str(len(runs)), f"{config['num_epochs']:g}",
         " / ".join(switch_epoch(r) for r in runs),
@@ -352,12 +367,14 @@ def ptb_asgd_table() -> str:
         mean_std([summary(r)["valid_perplexity"] for r in runs], digits=1),
         mean_std(test, digits=1), per_seed(test, digits=1),
         mean_std([summary(r)["dynamic_valid_perplexity"] for r in runs], digits=1),
-        mean_std([summary(r)["dynamic_test_perplexity"] for r in runs], digits=1),
+        mean_std(dynamic_test, digits=1), per_seed(dynamic_test, digits=1),
+        paired_change(runs, baselines),
         mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
         per_seed([wall_seconds(r) / 60 for r in runs], digits=1)])
   header = ["method", "seeds", "epochs before fine-tuning", "switch to ASGD after epoch (by seed)",
             "epochs in all (by seed)", "valid ppl (best weights)", "test ppl (best weights)",
             "test ppl by seed (0 / 1 / ...)", "valid ppl, dynamic eval", "test ppl, dynamic eval",
+            "test ppl, dynamic eval, by seed", "test ppl minus m=1's, same seed (best weights; dynamic eval)",
             "train ppl (with dropout, last log)", "wall time (min, by seed)"]
   # The runs spanned sessions on different machines, so their times are by seed and by CPU.
   runs = [run for prefix, _, _ in specs for run in seed_runs("ptb_asgd", prefix)]
@@ -536,25 +553,34 @@ def ptb_figure(out: Path) -> Path:
 
 
 def ptb_asgd_figure(out: Path) -> Path:
-  """Experiment 9: validation perplexity of every run, with NT-ASGD's switch and the restart marked."""
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  """Experiment 9: validation perplexity of every run, with NT-ASGD's switch and the restart marked.
+
+  The right panel zooms into the regime the experiment is about, from
+  ZOOM_FROM_EPOCH on, where the whole-run panel's curves overlap.
+  """
+  zoom_from_epoch = 20
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for (prefix, label, _), color in zip(ptb_asgd_specs(), colors):
     runs = seed_runs("ptb_asgd", prefix)
     for i, run in enumerate(runs):
       valid = [r for r in read_records(run) if r["split"] == "valid"]
-      ax.plot([r["epoch"] for r in valid], [r["perplexity"] for r in valid], color=color, lw=1,
-              label=f"{label} ({len(runs)} seeds)" if i == 0 else None)
-      for key, marker in (("switched_to_asgd", "v"), ("restarted", "o")):
-        marked = [r for r in valid if r[key]]
-        ax.plot([r["epoch"] for r in marked], [r["perplexity"] for r in marked], marker,
-                color=color, ms=6)
-  ax.plot([], [], "kv", label="NT-ASGD switch")
-  ax.plot([], [], "ko", label="fine-tuning restart")
-  ax.set(xlabel="epoch", ylabel="validation perplexity (full set)", yscale="log",
-         title="PTB, 2x200 LSTM, 100k training tokens, AWD-LSTM recipe")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=8)
+      for ax, shown in ((axes[0], valid), (axes[1], [r for r in valid if r["epoch"] >= zoom_from_epoch])):
+        ax.plot([r["epoch"] for r in shown], [r["perplexity"] for r in shown], color=color, lw=1,
+                label=f"{label} ({len(runs)} seeds)" if i == 0 else None)
+        for key, marker in (("switched_to_asgd", "v"), ("restarted", "o")):
+          marked = [r for r in shown if r[key]]
+          ax.plot([r["epoch"] for r in marked], [r["perplexity"] for r in marked], marker,
+                  color=color, ms=6)
+  for ax in axes:
+    ax.plot([], [], "kv", label="NT-ASGD switch")
+    ax.plot([], [], "ko", label="fine-tuning restart")
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set(xlabel="epoch", ylabel="validation perplexity (full set)", yscale="log",
+              title="PTB, 2x200 LSTM, 100k training tokens, AWD-LSTM recipe")
+  axes[1].set(xlabel="epoch", ylabel="validation perplexity (full set)",
+              title=f"the same runs from epoch {zoom_from_epoch} on")
+  axes[1].legend(fontsize=8)
   return _save(fig, out / "ptb_asgd_valid_perplexity.png")
 
 
@@ -630,6 +656,7 @@ TABLES = {
     "cifar10_finetune": finetune_table,
     "ptb": ptb_table,
     "ptb_asgd_dropout": ptb_dropout_table,
+    "ptb_asgd": ptb_asgd_table,
     "mnist_certified": mnist_certified_table,
     "cifar10_certified": cifar_certified_table,
     "mnist_gradient": mnist_training_table,
@@ -658,7 +685,7 @@ def main() -> None:
   args.results_md.write_text(fill_tables(args.results_md.read_text(), tables))
   print(f"tables written into {args.results_md}")
   figures = cifar_figures(args.figures) + [
-      finetune_figure(args.figures), ptb_figure(args.figures),
+      finetune_figure(args.figures), ptb_figure(args.figures), ptb_asgd_figure(args.figures),
       certified_figure("cifar10_gauss", CIFAR_GAUSS_RUNS, "CIFAR-10, n=10,000, 200 test images",
                        args.figures / "cifar10_certified_accuracy.png")]
   for path in figures + mnist_figures(args.figures):

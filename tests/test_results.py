@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablation.png",
            "cifar10_finetune_curves.png", "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
-           "mnist_input_gradient_norm.png", "cifar10_certified_accuracy.png")
+           "mnist_input_gradient_norm.png", "cifar10_certified_accuracy.png",
+           "ptb_asgd_valid_perplexity.png")
 
 
 def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
@@ -30,7 +31,7 @@ def test_every_table_averages_at_least_three_seeds():
   assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "cifar10_scratch",
                                           "cifar10_finetune", "ptb", "mnist_certified",
                                           "mnist_gradient", "cifar10_certified",
-                                          "ptb_asgd_dropout"}
+                                          "ptb_asgd_dropout", "ptb_asgd"}
   for name, block in blocks:
     if name == "ptb_asgd_dropout":
       continue  # A grid at seed 0 that picks the setting the compared runs use: one seed by design.
