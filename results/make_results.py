@@ -555,8 +555,8 @@ def ptb_figure(out: Path) -> Path:
 def ptb_asgd_figure(out: Path) -> Path:
   """Experiment 9: validation perplexity of every run, with NT-ASGD's switch and the restart marked.
 
-  The right panel zooms into the regime the experiment is about, from
-  ZOOM_FROM_EPOCH on, where the whole-run panel's curves overlap.
+  The right panel zooms into the regime the experiment is about, from epoch
+  `zoom_from_epoch` on, where the whole-run panel's curves overlap.
   """
   zoom_from_epoch = 20
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
