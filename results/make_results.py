@@ -17,10 +17,12 @@ sample standard deviation over the seeds found.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -111,9 +114,42 @@ def summary(run: Path) -> dict:
   return [r for r in read_records(run) if r["split"] == "summary"][-1]
 
 
+def untimed_steps(run: Path) -> int:
+  """Steps of a run that no summary timed: a part stopped before it wrote its summary."""
+  summaries = [r for r in read_records(run) if r["split"] == "summary"]
+  return summaries[-1]["steps"] - sum(r.get("steps_this_run", r["steps"]) for r in summaries)
+
+
 def wall_seconds(run: Path) -> float:
-  """The run's wall time: a run resumed after a stop wrote one summary per part."""
-  return sum(r["seconds"] for r in read_records(run) if r["split"] == "summary")
+  """The run's wall time, summed over the parts of a run that was stopped and resumed.
+
+  A part that wrote a summary counts with its measured seconds. A part
+  stopped before its summary (`untimed_steps`) counts with the time of its
+  training steps, from the throughput its train records logged over each
+  logging interval; its evaluations and start-up are not in it, so such a
+  run's time is marked (`minutes`).
+  """
+  records = read_records(run)
+  summaries = [r for r in records if r["split"] == "summary"]
+  seconds = sum(r["seconds"] for r in summaries)
+  if untimed_steps(run) <= 0:
+    return seconds
+  timed = [(r["step"] - r.get("steps_this_run", r["steps"]), r["step"]) for r in summaries]
+  batch_size = config_of(run)["batch_size"]
+  train = {}
+  for record in records:  # The first record of a step, the stopped part's.
+    if record["split"] == "train":
+      train.setdefault(record["step"], record)
+  previous = 0
+  for step in sorted(train):
+    record = train[step]
+    if not any(start < step <= end for start, end in timed):
+      if "images_per_second" in record:
+        seconds += (step - previous) * batch_size / record["images_per_second"]
+      else:  # Language runs: streams x the segments' mean length in tokens.
+        seconds += (step - previous) * batch_size * record["seq_len"] / record["tokens_per_second"]
+    previous = step
+  return seconds
 
 
 def config_of(run: Path) -> dict:
@@ -182,8 +218,24 @@ def cpu_note(runs) -> str:
                                            for cpu, names in by_cpu.items()) + "."
 
 
+PARTIAL = "*"  # Marks a wall time with steps that no summary timed (`wall_seconds`).
+
+
 def minutes(runs) -> str:
-  return mean_std([wall_seconds(r) / 60 for r in runs], digits=1)
+  mark = PARTIAL if any(untimed_steps(r) > 0 for r in runs) else ""
+  return mean_std([wall_seconds(r) / 60 for r in runs], digits=1) + mark
+
+
+def partial_note(runs) -> str:
+  """The footnote of a table whose wall times include steps that no summary timed."""
+  partial = [r for r in runs if untimed_steps(r) > 0]
+  if not partial:
+    return ""
+  parts = ", ".join(f"`{r.name}` ({untimed_steps(r):,} of {summary(r)['steps']:,} steps)"
+                    for r in partial)
+  return (f"{PARTIAL} Includes a run part that was stopped before it logged its wall time: "
+          f"{parts}. Those steps' time is added from the throughput their training log "
+          "records, without that part's evaluations and start-up.")
 
 
 def per_seed(values, scale: float = 1.0, digits: int = 2) -> str:
@@ -196,10 +248,141 @@ def forward_passes(num_copies: int) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The statistical rule: every comparison of two methods is paired by seed.
+
+ALPHA = 0.05
+# Seeds run after the first seeds' result was seen (because it was within
+# noise): their comparisons are tested on the first seeds alone too.
+ADDED_AFTER_LOOKING = {"cifar10_scratch": (3, 4), "ptb_asgd": (3, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """A - B per seed over the seeds both have, with a paired and an unpaired t-test.
+
+  `t`, `p`: the paired t-test (scipy.stats.ttest_rel), which decides the
+  verdict; `welch_t`, `welch_p`: Welch's unpaired t-test
+  (scipy.stats.ttest_ind, equal_var=False) on the same seeds, beside it.
+  """
+  seeds: tuple[int, ...]
+  a: np.ndarray
+  b: np.ndarray
+  t: float
+  p: float
+  welch_t: float
+  welch_p: float
+
+  @property
+  def differences(self) -> np.ndarray:
+    return self.a - self.b
+
+
+def _t_test(test, *samples) -> tuple[float, float]:
+  """(t, two-sided p); samples with no spread give t = 0, p = 1 if equal, else t = +-inf, p = 0."""
+  spread = sum(np.var(sample) for sample in samples)
+  if spread == 0:
+    gap = np.mean(samples[0]) - (np.mean(samples[1]) if len(samples) > 1 else 0.0)
+    return (0.0, 1.0) if gap == 0 else (float(np.copysign(np.inf, gap)), 0.0)
+  with warnings.catch_warnings():
+    # A sample of equal values (e.g. 96.8 in every seed) has a variance of float noise.
+    warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+    result = test(*samples)
+  return float(result.statistic), float(result.pvalue)
+
+
+def paired_test(a: dict[int, float], b: dict[int, float], seeds=None) -> Paired:
+  """Compares method A with method B by seed (values keyed by seed), on `seeds` or all shared ones."""
+  seeds = tuple(sorted(set(a) & set(b) if seeds is None else seeds))
+  if len(seeds) < 2:
+    raise ValueError(f"a paired test needs two seeds both methods ran, got {seeds}")
+  # Rounded to 9 decimals: float noise (96.8 stored as 96.80000000000001) is no difference.
+  xa = np.round(np.array([a[s] for s in seeds], float), 9)
+  xb = np.round(np.array([b[s] for s in seeds], float), 9)
+  t, p = _t_test(lambda d: stats.ttest_1samp(d, 0.0), np.round(xa - xb, 9))
+  welch_t, welch_p = _t_test(lambda x, y: stats.ttest_ind(x, y, equal_var=False), xa, xb)
+  return Paired(seeds, xa, xb, t, p, welch_t, welch_p)
+
+
+def verdict(test: Paired, name: str, lower_is_better: bool = False,
+            words: tuple[str, str] = ("better", "worse")) -> str:
+  """'NAME better / worse at p < 0.05' by the paired test's sign and p, else 'no difference'."""
+  seeds = f"({len(test.seeds)} seeds)"
+  if not test.p < ALPHA:
+    return f"no difference at p < {ALPHA:g} {seeds}"
+  a_higher = test.differences.mean() > 0
+  return f"{name} {words[0] if a_higher != lower_is_better else words[1]} at p < {ALPHA:g} {seeds}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Method A against method B on one metric: `a` and `b` map seed -> value."""
+  a_name: str
+  b_name: str
+  metric: str
+  a: dict
+  b: dict
+  lower_is_better: bool = False
+  digits: int = 2
+  words: tuple[str, str] = ("better", "worse")
+  added_after_looking: tuple[int, ...] = ()
+
+  def tests(self) -> list[tuple[str, Paired]]:
+    """(seeds' description, test): all shared seeds, and before that the first seeds alone
+    when some seeds were added after looking at them."""
+    shared = sorted(set(self.a) & set(self.b))
+    added = [s for s in shared if s in self.added_after_looking]
+    if not added:
+      return [(_seed_list(shared), paired_test(self.a, self.b, shared))]
+    first = [s for s in shared if s not in added]
+    return [(_seed_list(first), paired_test(self.a, self.b, first)),
+            (f"{_seed_list(shared)} ({_seed_list(added)} added after looking at "
+             f"{_seed_list(first)})", paired_test(self.a, self.b, shared))]
+
+  def verdicts(self) -> list[str]:
+    return [verdict(test, self.a_name, self.lower_is_better, self.words) for _, test in self.tests()]
+
+
+def _seed_list(seeds) -> str:
+  seeds = sorted(seeds)
+  if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+    return f"{seeds[0]}-{seeds[-1]}"
+  return ", ".join(str(s) for s in seeds)
+
+
+def _p(p: float) -> str:
+  return f"{p:.3g}" if p >= 0.001 else "< 0.001"
+
+
+def comparison_table(comparisons: list[Comparison]) -> str:
+  """One row per comparison (and per set of seeds it was tested on): the rule of RESULTS.md."""
+  rows = []
+  for c in comparisons:
+    for seeds, test in c.tests():
+      d = c.digits
+      rows.append([f"{c.a_name} − {c.b_name}", c.metric, seeds,
+                   per_seed(test.differences, digits=d), mean_std(test.differences, digits=d),
+                   f"{test.t:.2f} ({len(test.seeds) - 1}), {_p(test.p)}",
+                   f"{test.welch_t:.2f}, {_p(test.welch_p)}",
+                   verdict(test, c.a_name, c.lower_is_better, c.words)])
+  header = ["comparison (A − B)", "metric", "seeds", "A − B by seed", "A − B, mean ± sd",
+            "paired t (df), p", "Welch t, p", "verdict (paired t-test)"]
+  return markdown_table(header, rows)
+
+
+def by_seed(runs, value) -> dict[int, float]:
+  return {seed_of(r): value(r) for r in runs}
+
+
+# ---------------------------------------------------------------------------
 # Tables.
 
 
-def image_table(experiment: str, specs) -> str:
+def block(*parts: str) -> str:
+  """A table block: its parts (tables, notes, commands) that are not empty, a blank line apart."""
+  return "\n\n".join(part for part in parts if part)
+
+
+def image_table(experiment: str, specs, comparisons: list[Comparison]) -> str:
   """Test and clean-train top-1 of each method of an image experiment, over seeds."""
   rows = []
   for prefix, label, _ in specs:
@@ -218,11 +401,13 @@ def image_table(experiment: str, specs) -> str:
   header = ["method", "seeds", "epochs", "passes per example and step (after warm-up)",
             "test top-1 % (final)", "by seed (0 / 1 / ...)", "test top-1 % (best of the evals)",
             "train top-1 % (clean, final)", "train - test gap (points)", "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + commands_block(experiment, specs)
+  runs = [run for prefix, _, _ in specs for run in seed_runs(experiment, prefix)]
+  return block(markdown_table(header, rows), partial_note(runs), comparison_table(comparisons),
+               commands_block(experiment, specs))
 
 
 def cifar_table() -> str:
-  return image_table("cifar10", CIFAR_RUNS)
+  return image_table("cifar10", CIFAR_RUNS, cifar_comparisons())
 
 
 def cifar_ablation_table() -> str:
@@ -238,17 +423,17 @@ def cifar_ablation_table() -> str:
                  minutes(runs)])
   header = ["m", "seeds", "test top-1 %", "train top-1 % (clean)",
             "training loss (worst copy, last 16 steps)", "images/s", "wall time (min)"]
-  return markdown_table(header, rows)
+  return block(markdown_table(header, rows), comparison_table(cifar_ablation_comparisons()))
 
 
 def scratch_table() -> str:
   """Experiment 6: CIFAR-10 from scratch, a baseline that fits its training images."""
-  return image_table("cifar10_scratch", SCRATCH_RUNS)
+  return image_table("cifar10_scratch", SCRATCH_RUNS, scratch_comparisons())
 
 
 def finetune_table() -> str:
   """Experiment 7: fine-tuning experiment 6's seed-0 baseline, as the paper does on ImageNet."""
-  rows, blocks = [], []
+  rows, blocks, all_runs, comparisons = [], [], [], []
   for aug in FINETUNE_AUGMENTATIONS:
     experiment = f"cifar10_finetune_{aug}"
     specs = [(prefix, label.replace("Cutout", FINETUNE_AUGMENTATIONS[aug]), f"{aug},{arg}")
@@ -257,6 +442,7 @@ def finetune_table() -> str:
       runs = seed_runs(experiment, prefix)
       if not runs:
         continue
+      all_runs += runs
       config = config_of(runs[0])
       before = summary(LOGS / "cifar10_scratch" / Path(config["init_checkpoint"]).name)
       after = [summary(r)["final_top1"] for r in runs]
@@ -268,10 +454,12 @@ def finetune_table() -> str:
           minutes(runs)])
     if any(seed_runs(experiment, prefix) for prefix, _, _ in specs):
       blocks.append(commands_block(experiment, specs))
+      comparisons += finetune_comparisons(aug)
   header = ["method", "fine-tuning seeds", "epochs", "test top-1 % before",
             "test top-1 % after (final)", "after, by seed (0 / 1 / ...)", "change (points)",
             "train top-1 % (clean, after)", "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + "\n\n".join(blocks)
+  return block(markdown_table(header, rows), partial_note(all_runs), comparison_table(comparisons),
+               *blocks)
 
 
 def ptb_table() -> str:
@@ -289,11 +477,25 @@ def ptb_table() -> str:
         mean_std([summary(r)["test_perplexity"] for r in runs], digits=1),
         mean_std(best_valid, digits=1),
         mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
+        mean_std([mean_copy_loss(r) for r in runs], digits=3),
         minutes(runs)])
   header = ["method", "seeds", "epochs", "passes per stream and step",
             "valid ppl (best weights)", "test ppl (best weights)", "best epoch's valid ppl",
-            "train ppl (with dropout, last log)", "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + commands_block("ptb", PTB_RUNS)
+            TRAINED_COPY_PPL, MEAN_COPY_LOSS, "wall time (min)"]
+  return block(markdown_table(header, rows), comparison_table(ptb_comparisons()),
+               commands_block("ptb", PTB_RUNS))
+
+
+# The language runs' training fit. `perplexity` in a train record is that of
+# the copies the step trained on, the worse of m for MaxUp, so it is not like
+# with like; `mean_copy_loss` averages every copy (AR/TAR included), which is
+# what the baseline's single copy gives too.
+TRAINED_COPY_PPL = "train ppl of the trained copy (MaxUp: the worse of m; dropout on, last log)"
+MEAN_COPY_LOSS = "train loss, mean over copies (dropout on, AR/TAR included, last 10 logs)"
+
+
+def mean_copy_loss(run: Path, logs: int = 10) -> float:
+  return float(np.mean(series(run, "train", "mean_copy_loss", x="step")[1][-logs:]))
 
 
 def switch_epoch(run: Path) -> str:
@@ -335,24 +537,10 @@ def ptb_asgd_specs():
   return [(prefix, label, f"{dropout:g},{arg}") for prefix, label, arg in PTB_RUNS]
 
 
-def paired_change(runs, baselines: dict[int, Path]) -> str:
-  """Test perplexity minus that of the same seed's baseline, best weights; dynamic evaluation.
-
-  Seeds share initialisation and data order, so the paired difference removes
-  the seed-to-seed spread the two methods have in common.
-  """
-  pairs = [(r, baselines[seed_of(r)]) for r in runs if seed_of(r) in baselines]
-  if not pairs or all(run == baseline for run, baseline in pairs):
-    return "-"
-  return "; ".join(mean_std([summary(r)[key] - summary(b)[key] for r, b in pairs], digits=1)
-                   for key in ("test_perplexity", "dynamic_test_perplexity"))
-
-
 def ptb_asgd_table() -> str:
   """Experiment 9: the whole AWD-LSTM recipe (NT-ASGD, a fine-tuning restart, dynamic evaluation)."""
   rows = []
   specs = ptb_asgd_specs()
-  baselines = {seed_of(r): r for r in seed_runs("ptb_asgd", "m1")}
   for prefix, label, _ in specs:
     runs = seed_runs("ptb_asgd", prefix)
     if not runs:
@@ -368,18 +556,19 @@ def ptb_asgd_table() -> str:
         mean_std(test, digits=1), per_seed(test, digits=1),
         mean_std([summary(r)["dynamic_valid_perplexity"] for r in runs], digits=1),
         mean_std(dynamic_test, digits=1), per_seed(dynamic_test, digits=1),
-        paired_change(runs, baselines),
         mean_std([series(r, "train", "perplexity", x="step")[1][-1] for r in runs], digits=1),
-        per_seed([wall_seconds(r) / 60 for r in runs], digits=1)])
+        mean_std([mean_copy_loss(r) for r in runs], digits=3),
+        " / ".join(f"{wall_seconds(r) / 60:.1f}" + (PARTIAL if untimed_steps(r) > 0 else "")
+                   for r in runs)])
   header = ["method", "seeds", "epochs before fine-tuning", "switch to ASGD after epoch (by seed)",
             "epochs in all (by seed)", "valid ppl (best weights)", "test ppl (best weights)",
             "test ppl by seed (0 / 1 / ...)", "valid ppl, dynamic eval", "test ppl, dynamic eval",
-            "test ppl, dynamic eval, by seed", "test ppl minus m=1's, same seed (best weights; dynamic eval)",
-            "train ppl (with dropout, last log)", "wall time (min, by seed)"]
+            "test ppl, dynamic eval, by seed", TRAINED_COPY_PPL, MEAN_COPY_LOSS,
+            "wall time (min, by seed)"]
   # The runs spanned sessions on different machines, so their times are by seed and by CPU.
   runs = [run for prefix, _, _ in specs for run in seed_runs("ptb_asgd", prefix)]
-  return "\n\n".join([markdown_table(header, rows), cpu_note(runs),
-                     commands_block("ptb_asgd", specs)])
+  return block(markdown_table(header, rows), cpu_note(runs), partial_note(runs),
+               comparison_table(ptb_asgd_comparisons()), commands_block("ptb_asgd", specs))
 
 
 def certification_logs(experiment: str, prefix: str) -> list[tuple[Path, certification.CertificationLog]]:
@@ -414,7 +603,8 @@ def certified_table(experiment: str, specs) -> str:
 
 
 def mnist_certified_table() -> str:
-  return certified_table("mnist_gauss", MNIST_RUNS[:2])
+  return block(certified_table("mnist_gauss", MNIST_RUNS[:2]),
+               comparison_table(certified_comparisons("mnist_gauss", "m5")))
 
 
 def certify_commands(experiment: str, specs) -> str:
@@ -433,16 +623,14 @@ def certify_commands(experiment: str, specs) -> str:
 
 
 def cifar_certified_table() -> str:
-  table = certified_table("cifar10_gauss", CIFAR_GAUSS_RUNS)
-  return "\n\n".join([table, commands_block("cifar10_gauss", CIFAR_GAUSS_RUNS),
-                        certify_commands("cifar10_gauss", CIFAR_GAUSS_RUNS)])
+  runs = [run for prefix, _, _ in CIFAR_GAUSS_RUNS for run in seed_runs("cifar10_gauss", prefix)]
+  return block(certified_table("cifar10_gauss", CIFAR_GAUSS_RUNS), partial_note(runs),
+               comparison_table(certified_comparisons("cifar10_gauss", "m5")),
+               commands_block("cifar10_gauss", CIFAR_GAUSS_RUNS),
+               certify_commands("cifar10_gauss", CIFAR_GAUSS_RUNS))
 
 
 def mnist_training_table() -> str:
-  def grad_norm_at(run, epoch):
-    epochs, norms = series(run, "train_clean", "input_grad_norm")
-    return norms[np.flatnonzero(np.isclose(epochs, epoch))[0]]
-
   baseline_final = {seed_of(r): grad_norm_at(r, config_of(r)["num_epochs"])
                     for r in seed_runs("mnist_gauss", "m1")}
   rows = []
@@ -464,7 +652,185 @@ def mnist_training_table() -> str:
             "input-gradient norm, epoch 1 (MaxUp starts)", "input-gradient norm, final",
             "final norm / same seed's m=1 run", "clean train loss, final", "clean test top-1 %",
             "wall time (min)"]
-  return markdown_table(header, rows) + "\n\n" + commands_block("mnist_gauss", MNIST_RUNS)
+  return block(markdown_table(header, rows), comparison_table(mnist_gradient_comparisons()),
+               commands_block("mnist_gauss", MNIST_RUNS))
+
+
+# ---------------------------------------------------------------------------
+# The comparisons of each experiment (tested by the rule above).
+
+
+def top1(run: Path) -> float:
+  return summary(run)["final_top1"] * 100
+
+
+def image_comparisons(experiment: str, maxup: str, maxup_name: str, base_name: str) -> list[Comparison]:
+  """MaxUp vs the baseline, vs the baseline given its time, and that baseline vs the baseline."""
+  added = ADDED_AFTER_LOOKING.get(experiment, ())
+  maxup_top1 = by_seed(seed_runs(experiment, maxup), top1)
+  base = by_seed(seed_runs(experiment, "m1"), top1)
+  same_time = by_seed(seed_runs(experiment, "m1_equal_time"), top1)
+  same_time_name = f"{base_name}, MaxUp's time"
+  comparisons = [Comparison(maxup_name, base_name, "test top-1 %", maxup_top1, base,
+                            added_after_looking=added)]
+  if same_time:
+    comparisons += [Comparison(maxup_name, same_time_name, "test top-1 %", maxup_top1, same_time),
+                    Comparison(same_time_name, base_name, "test top-1 %", same_time, base)]
+  return comparisons
+
+
+def cifar_comparisons() -> list[Comparison]:
+  return image_comparisons("cifar10", "m4", "MaxUp+Cutout m=4", "Cutout")
+
+
+def cifar_ablation_comparisons() -> list[Comparison]:
+  base = by_seed(seed_runs("cifar10", "m1"), top1)
+  return [Comparison(f"MaxUp+Cutout m={m}", "Cutout", "test top-1 %", by_seed(seed_runs("cifar10", f"m{m}"), top1),
+                     base) for m in (2, 10)]
+
+
+def scratch_comparisons() -> list[Comparison]:
+  return image_comparisons("cifar10_scratch", "m4", "MaxUp+Cutout m=4", "Cutout")
+
+
+def finetune_comparisons(aug: str) -> list[Comparison]:
+  name = FINETUNE_AUGMENTATIONS[aug]
+  return image_comparisons(f"cifar10_finetune_{aug}", "m4", f"MaxUp+{name} m=4", name)
+
+
+def ptb_comparisons(experiment: str = "ptb", key: str = "test_perplexity",
+                    metric: str = "test ppl (best weights)") -> list[Comparison]:
+  """MaxUp (m=2) vs embedding dropout, vs embedding dropout given its time, and that vs m=1."""
+  def value(run):
+    return summary(run)[key]
+  added = ADDED_AFTER_LOOKING.get(experiment, ())
+  maxup = by_seed(seed_runs(experiment, "m2"), value)
+  base = by_seed(seed_runs(experiment, "m1"), value)
+  same_time = by_seed(seed_runs(experiment, "m1_equal_time"), value)
+  kw = dict(lower_is_better=True, digits=1, added_after_looking=added)
+  return [Comparison("MaxUp m=2", "dropout", metric, maxup, base, **kw),
+          Comparison("MaxUp m=2", "dropout, MaxUp's time", metric, maxup, same_time, **kw),
+          Comparison("dropout, MaxUp's time", "dropout", metric, same_time, base, **kw)]
+
+
+def ptb_asgd_comparisons() -> list[Comparison]:
+  return (ptb_comparisons("ptb_asgd")
+          + ptb_comparisons("ptb_asgd", "dynamic_test_perplexity", "test ppl, dynamic eval"))
+
+
+def certified_comparisons(experiment: str, maxup: str) -> list[Comparison]:
+  """MaxUp+Gauss vs Gaussian augmentation: the base classifier's clean top-1, then the
+  certified accuracy at each radius some model reaches (all-zero radii are left out)."""
+  _, radii = CERTIFICATION[experiment]
+  logs = {prefix: {seed_of(run): log for run, log in certification_logs(experiment, prefix)}
+          for prefix in ("m1", maxup)}
+  accuracy = {prefix: {seed: certification.accuracy_table(log, radii) * 100
+                       for seed, log in by.items()} for prefix, by in logs.items()}
+  name = f"MaxUp+Gauss m={maxup[1:]}"
+  comparisons = [Comparison(name, "Gauss", "clean test top-1 % (base classifier)",
+                            by_seed(seed_runs(experiment, maxup), top1),
+                            by_seed(seed_runs(experiment, "m1"), top1))]
+  for i, radius in enumerate(radii):
+    a = {seed: acc[i] for seed, acc in accuracy[maxup].items()}
+    b = {seed: acc[i] for seed, acc in accuracy["m1"].items()}
+    if any(a.values()) or any(b.values()):
+      comparisons.append(Comparison(name, "Gauss", f"certified accuracy % at r={radius:g}", a, b,
+                                    digits=1))
+  return comparisons
+
+
+def grad_norm_at(run: Path, epoch: float) -> float:
+  epochs, norms = series(run, "train_clean", "input_grad_norm")
+  return norms[np.flatnonzero(np.isclose(epochs, epoch))[0]]
+
+
+def mnist_gradient_comparisons() -> list[Comparison]:
+  def final_norm(run):
+    return grad_norm_at(run, config_of(run)["num_epochs"])
+  maxup = by_seed(seed_runs("mnist_gauss", "m5"), final_norm)
+  kw = dict(lower_is_better=True, digits=4, words=("lower", "higher"))
+  return [Comparison("MaxUp+Gauss m=5", "Gauss", "input-gradient norm, final", maxup,
+                     by_seed(seed_runs("mnist_gauss", "m1"), final_norm), **kw),
+          Comparison("MaxUp+Gauss m=5", "Gauss, MaxUp's time", "input-gradient norm, final", maxup,
+                     by_seed(seed_runs("mnist_gauss", "m1_equal_time"), final_norm), **kw)]
+
+
+def what_held_table() -> str:
+  """The summary table: each experiment's key comparisons, their verdicts by the rule and
+  whether the paper's claim held (MaxUp better, or for the gradient norm lower, at p < 0.05)."""
+  def pick(comparisons, metric):
+    return next(c for c in comparisons if c.metric == metric)
+
+  def radii(experiment):
+    return [(c.metric.rsplit(" at ", 1)[1] + ": ", c) for c in certified_comparisons(experiment, "m5")[1:]
+            if not c.metric.endswith("r=0")]
+
+  cifar, ptb, scratch = cifar_comparisons(), ptb_comparisons(), scratch_comparisons()
+  ablation = cifar_ablation_comparisons()
+  cutout, cutmix = finetune_comparisons("cutout"), finetune_comparisons("cutmix")
+  ptb_asgd = ptb_asgd_comparisons()
+  rows = [
+      ("1. CIFAR-10, Cutout vs MaxUp+Cutout (m=4)", "+0.57 points (ResNet-110, 200 epochs)",
+       "ResNet-8, 2,048 images, 30 epochs; test top-1", [("", cifar[0])], [("", cifar[1])]),
+      ("2. PTB, embedding dropout vs MaxUp (m=2)", "−0.74 test perplexity (AWD-LSTM, full training)",
+       "2x200 LSTM, 50k tokens, 6 epochs; test perplexity", [("", ptb[0])], [("", ptb[1])]),
+      ("3. Certified accuracy, Gauss vs MaxUp+Gauss (MNIST, σ=0.5, m=5)",
+       "higher at every radius, most at large radii (CIFAR-10, table 8)",
+       "small CNN, 2 epochs, 500 test images; certified accuracy points",
+       radii("mnist_gauss"), []),
+      ("4. Input-gradient norm (theorem 1)", "MaxUp+Gauss penalises ‖∇ₓL‖",
+       "experiment 3's runs; clean input-gradient norm, final",
+       [("", mnist_gradient_comparisons()[0])], [("", mnist_gradient_comparisons()[1])]),
+      ("5. m ablation", "every m > 1 beats m = 1; m = 4-10 best (table 5)",
+       "experiment 1's setup; test top-1",
+       [("m=2: ", ablation[0]), ("m=4: ", cifar[0]), ("m=10: ", ablation[1])], []),
+      ("6. CIFAR-10 from scratch, a baseline that fits its data (98% clean train top-1)",
+       "+0.57 / +0.50 points (ResNet-110 / PreAct-ResNet-110, 200 epochs, table 3)",
+       "295k-parameter airbench net, 2,500 images, 80 epochs; test top-1",
+       [("", scratch[0])], [("", scratch[1])]),
+      ("7. Fine-tuning experiment 6's Cutout-trained baseline with MaxUp (m=4), 10 epochs at lr 0.01",
+       "ImageNet fine-tunes of CutMix-trained models with MaxUp+CutMix at lr 1e-5 / 1e-4: +0.2 to "
+       "+0.5 points (table 2)", "test top-1",
+       [("Cutout: ", cutout[0]), ("CutMix: ", cutmix[0])],
+       [("Cutout: ", cutout[1]), ("CutMix: ", cutmix[1])]),
+      ("8. Certified accuracy on CIFAR-10, Gauss vs MaxUp+Gauss (σ=0.25, m=5)",
+       "+14 / +14 / +15 points at r=0.25 / 0.5 / 0.75 (ResNet-110, table 8)",
+       "airbench net, 10,000 images, 20 epochs, 200 test images; certified accuracy points",
+       radii("cifar10_gauss"), []),
+      ("9. PTB past NT-ASGD's switch, embedding dropout vs MaxUp (m=2)",
+       "−0.74 test perplexity (55.01 → 54.27), −0.81 with dynamic evaluation (table 6)",
+       "2x200 LSTM, 100k tokens, NT-ASGD, one restart; test perplexity",
+       [("", pick(ptb_asgd, "test ppl (best weights)")),
+        ("dynamic eval: ", pick(ptb_asgd, "test ppl, dynamic eval"))],
+       [("", ptb_asgd[1]), ("dynamic eval: ", ptb_asgd[4])]),
+  ]
+
+  def cells(labelled):
+    differences, verdicts, held = [], [], []
+    for label, c in labelled:
+      tests = c.tests()
+      for i, (_, test) in enumerate(tests):
+        seeds_label = ""
+        if len(tests) > 1:
+          added = len(test.seeds) - len(tests[0][1].seeds)
+          seeds_label = (f"{len(test.seeds)} seeds ({added} added after looking): " if i
+                         else f"first {len(test.seeds)} seeds: ")
+        d = test.differences
+        differences.append(f"{label}{seeds_label}{d.mean():+.{c.digits}f} ± {d.std(ddof=1):.{c.digits}f}")
+        text = verdict(test, c.a_name, c.lower_is_better, c.words)
+        verdicts.append(f"{label}{seeds_label}{text.replace(c.a_name + ' ', 'MaxUp ')}")
+        held.append(f"{label}{seeds_label}{'yes' if text.startswith(c.a_name + ' ' + c.words[0]) else 'no'}")
+    return "; ".join(differences), "; ".join(verdicts), "; ".join(held)
+
+  table_rows = []
+  for experiment, paper, setup, main, same_time in rows:
+    differences, verdicts, held = cells(main)
+    table_rows.append([experiment, paper, setup, differences, verdicts, held,
+                       cells(same_time)[1] if same_time else "-"])
+  header = ["experiment", "the paper", "here (3 seeds unless said)",
+            "MaxUp − baseline, paired by seed (mean ± sd)", "verdict (paired t-test, p < 0.05)",
+            "held?", "MaxUp vs the baseline given MaxUp's time (verdict)"]
+  return markdown_table(header, table_rows)
 
 
 # ---------------------------------------------------------------------------
@@ -650,6 +1016,7 @@ def _save(fig, path: Path) -> Path:
 
 
 TABLES = {
+    "what_held": what_held_table,
     "cifar10": cifar_table,
     "cifar10_m": cifar_ablation_table,
     "cifar10_scratch": scratch_table,

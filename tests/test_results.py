@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablation.png",
            "cifar10_finetune_curves.png", "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
@@ -28,14 +31,15 @@ def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
 def test_every_table_averages_at_least_three_seeds():
   text = (REPO / "RESULTS.md").read_text()
   blocks = re.findall(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, re.S)
-  assert {name for name, _ in blocks} == {"cifar10", "cifar10_m", "cifar10_scratch",
+  assert {name for name, _ in blocks} == {"what_held", "cifar10", "cifar10_m", "cifar10_scratch",
                                           "cifar10_finetune", "ptb", "mnist_certified",
                                           "mnist_gradient", "cifar10_certified",
                                           "ptb_asgd_dropout", "ptb_asgd"}
   for name, block in blocks:
-    if name == "ptb_asgd_dropout":
-      continue  # A grid at seed 0 that picks the setting the compared runs use: one seed by design.
-    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+    if name in ("ptb_asgd_dropout", "what_held"):
+      continue  # A grid at seed 0 that picks the setting the compared runs use; the summary.
+    first_table = block.split("\n\n")[0]  # The methods; the comparisons follow it.
+    rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 3, name  # A header and at least two compared methods.
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     seeds_column = next(i for i, cell in enumerate(header) if cell.endswith("seeds"))
@@ -58,3 +62,99 @@ def test_run_sh_on_a_fresh_checkout_skips_the_collected_runs(tmp_path):
     for name in ("config.json", "metrics.jsonl"):
       restored = tmp_path / "runs/results/ptb" / run / name
       assert restored.read_bytes() == (REPO / "results/logs/ptb" / run / name).read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# The statistical rule (make_results.paired_test, verdict, Comparison).
+
+
+def _make_results():
+  sys.path.insert(0, str(REPO / "results"))
+  import make_results
+  return make_results
+
+
+def test_paired_test_matches_scipy():
+  mr = _make_results()
+  a = {0: 70.61, 1: 70.31, 2: 69.56, 3: 69.15, 4: 69.19}
+  b = {0: 70.43, 1: 70.88, 2: 71.30, 3: 70.35, 4: 70.75, 5: 99.0}  # Seed 5: B only, left out.
+  test = mr.paired_test(a, b)
+  xa, xb = [a[s] for s in range(5)], [b[s] for s in range(5)]
+  paired, welch = stats.ttest_rel(xa, xb), stats.ttest_ind(xa, xb, equal_var=False)
+  assert test.seeds == (0, 1, 2, 3, 4)
+  np.testing.assert_allclose(test.differences, np.subtract(xa, xb))
+  np.testing.assert_allclose([test.t, test.p], [paired.statistic, paired.pvalue], rtol=1e-6)
+  np.testing.assert_allclose([test.welch_t, test.welch_p], [welch.statistic, welch.pvalue], rtol=1e-6)
+  # Known values: experiment 6's five seeds, t = -2.78 at df 4, p just under 0.05.
+  assert round(test.t, 2) == -2.78 and 0.049 < test.p < 0.05
+
+
+def test_verdict_has_three_outcomes_and_follows_the_paired_test():
+  mr = _make_results()
+  base = {0: 10.0, 1: 12.0, 2: 14.0}
+  higher = mr.paired_test({0: 11.0, 1: 13.1, 2: 14.9}, base)   # +1 each seed: paired p small
+  lower = mr.paired_test({0: 9.0, 1: 10.9, 2: 13.1}, base)
+  mixed = mr.paired_test({0: 11.0, 1: 11.0, 2: 14.5}, base)
+  assert mr.verdict(higher, "MaxUp") == "MaxUp better at p < 0.05 (3 seeds)"
+  assert mr.verdict(lower, "MaxUp") == "MaxUp worse at p < 0.05 (3 seeds)"
+  assert mr.verdict(mixed, "MaxUp") == "no difference at p < 0.05 (3 seeds)"
+  # Lower is better (perplexity), and neutral words (a gradient norm).
+  assert mr.verdict(lower, "MaxUp", lower_is_better=True) == "MaxUp better at p < 0.05 (3 seeds)"
+  assert (mr.verdict(lower, "MaxUp", lower_is_better=True, words=("lower", "higher"))
+          == "MaxUp lower at p < 0.05 (3 seeds)")
+  # The paired test decides, not the unpaired one: a shift far smaller than the seeds' spread.
+  assert higher.welch_p > 0.05 and higher.p < 0.05
+  # Identical methods (the same weights) are no difference, not a NaN.
+  same = mr.paired_test(base, dict(base))
+  assert (same.t, same.p) == (0.0, 1.0)
+  assert mr.verdict(same, "MaxUp") == "no difference at p < 0.05 (3 seeds)"
+
+
+def test_seeds_added_after_looking_are_tested_on_the_first_seeds_too():
+  mr = _make_results()
+  a = {s: 1.0 + 0.1 * s for s in range(5)}
+  b = {s: 0.0 for s in range(5)}
+  comparison = mr.Comparison("MaxUp", "base", "x", a, b, added_after_looking=(3, 4))
+  (first, first_test), (all_seeds, all_test) = comparison.tests()
+  assert first == "0-2" and first_test.seeds == (0, 1, 2)
+  assert all_seeds == "0-4 (3, 4 added after looking at 0-2)" and all_test.seeds == (0, 1, 2, 3, 4)
+  # Without the added seeds (a method that has seeds 0-2 only), one test.
+  assert len(mr.Comparison("MaxUp", "base", "x", a, {s: 0.0 for s in range(3)},
+                           added_after_looking=(3, 4)).tests()) == 1
+
+
+def test_what_held_says_held_exactly_where_the_verdict_is_the_papers_direction():
+  text = (REPO / "RESULTS.md").read_text()
+  what_held = re.search(r"<!-- table:what_held -->\n(.*?)<!-- /table:", text, re.S).group(1)
+  rows = [[cell.strip() for cell in line.strip("|").split(" | ")]
+          for line in what_held.splitlines()[2:]]
+  assert [row[0].split(".")[0] for row in rows] == [str(i) for i in range(1, 10)]
+  for row in rows:
+    verdicts, held = row[4].split("; "), row[5].split("; ")
+    assert len(verdicts) == len(held), row[0]
+    for v, h in zip(verdicts, held):
+      assert h.endswith("yes") == ("MaxUp better at p < 0.05" in v or "MaxUp lower at p < 0.05" in v), (v, h)
+  # The paired verdicts of the scratch block (experiment 6) are those of its row.
+  scratch = re.search(r"<!-- table:cifar10_scratch -->\n(.*?)<!-- /table:", text, re.S).group(1)
+  first, five = [line for line in scratch.splitlines() if line.startswith("| MaxUp+Cutout m=4 − Cutout |")]
+  row6 = next(row for row in rows if row[0].startswith("6."))
+  assert "no difference at p < 0.05 (3 seeds)" in first and row6[4].startswith("first 3 seeds: no difference")
+  assert "worse at p < 0.05 (5 seeds)" in five and "MaxUp worse at p < 0.05 (5 seeds)" in row6[4]
+
+
+def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
+  # Seeds 3 and 4 of m1 and m2 are running; stand-ins (copies of seeds 0 and 1)
+  # check that the tables then show the 3-seed test beside the 5-seed one.
+  mr = _make_results()
+  logs = tmp_path / "logs"
+  shutil.copytree(REPO / "results" / "logs", logs)
+  for prefix in ("m1", "m2"):
+    for seed, source in ((3, 0), (4, 1)):
+      shutil.copytree(logs / "ptb_asgd" / f"{prefix}_seed{source}", logs / "ptb_asgd" / f"{prefix}_seed{seed}")
+  monkeypatch.setattr(mr, "LOGS", logs)
+  table = mr.ptb_asgd_table()
+  assert "| Embedding dropout (m=1) | 5 |" in table and "| MaxUp, m=2 | 5 |" in table
+  assert "| 0-2 |" in table and "| 0-4 (3, 4 added after looking at 0-2) |" in table
+  assert "for SEED in 0 1 2 3 4; do" in table and "for SEED in 0 1 2; do" in table
+  row = next(line for line in mr.what_held_table().splitlines() if line.startswith("| 9."))
+  assert "first 3 seeds" in row and "5 seeds (2 added after looking)" in row
