@@ -16,6 +16,18 @@ and prints the table. Running the same command again continues an
 interrupted certification from the last finished image.
 """
 
+import importlib.util
+import sys
+
+# The library alone (`pip install maxup-jax`) does not bring the training stack.
+_MISSING = [module for module in ("absl", "ml_collections", "tensorflow_datasets", "array_record",
+                                  "grain", "PIL", "orbax", "etils", "tensorboardX", "matplotlib",
+                                  "tqdm") if importlib.util.find_spec(module) is None]
+if _MISSING:
+  sys.exit(f"certify.py needs the training stack, which is not installed (missing: "
+           f"{', '.join(_MISSING)}). Install it with: pip install \"maxup-jax[train]\" "
+           "(in a checkout, ./make_venv.sh installs it into .venv).")
+
 from absl import app, flags, logging
 
 from trainer import certification, xla_cpu
