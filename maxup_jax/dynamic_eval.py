@@ -121,7 +121,9 @@ def evaluate(segment_loss: SegmentLossFn, params: PyTree, carry: PyTree, segment
     carry: initial recurrent state.
     segments: pytree with a leading segment axis `[N, ...]`, in text order.
     stats: from `collect_gradient_stats`.
-    learning_rate, decay, epsilon: eta, lambda, epsilon.
+    learning_rate: eta, the step size of `update`.
+    decay: lambda, the decay towards the trained weights (as in `update`).
+    epsilon: added to the RMS gradient in `update`'s denominator.
 
   Returns:
     A `DynamicEvalResult`; exp(nll_sum / num_tokens) is the perplexity.

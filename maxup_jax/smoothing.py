@@ -1,14 +1,17 @@
-"""Randomized smoothing: CERTIFY and PREDICT of Cohen, Rosenfeld & Kolter (2019).
+r"""Randomized smoothing: CERTIFY and PREDICT of Cohen, Rosenfeld & Kolter (2019).
 
 Given a base classifier f (here `classify_fn`, returning logits) and a noise
 level sigma, the smoothed classifier is
 
-    g(x) = argmax_c  P_{e ~ N(0, sigma^2 I)} [ f(x + e) = c ].
+.. math::
+  g(x) = \operatorname*{argmax}_c \; P_{\varepsilon \sim N(0, \sigma^2 I)}
+         \big[ f(x + \varepsilon) = c \big].
 
 If the top class c_A has probability p_A >= 1/2 (Theorem 1 of Cohen et al.,
 with p_B <= 1 - p_A), g is constant on the l2 ball of radius
 
-    R = sigma * Phi^{-1}(p_A)
+.. math::
+  R = \sigma \, \Phi^{-1}(p_A)
 
 around x. `certify` estimates a one-sided (1 - alpha) lower bound on p_A by
 Monte Carlo and returns the radius it implies; `predict` returns g(x) or
@@ -156,7 +159,7 @@ def _batch_sharding(sharding: Mesh | NamedSharding) -> NamedSharding:
 class NoiseCounter:
   """Counts f's argmax predictions on Gaussian perturbations of one input.
 
-  Holds one jitted batch step
+  Holds one jitted batch step::
 
     step(counts [K], x [*S], key, batch_index, num_samples, sigma) -> counts [K]
 
@@ -515,9 +518,11 @@ def certified_accuracy(
     correct: np.ndarray,
     thresholds: Sequence[float] = PAPER_RADII,
 ) -> np.ndarray:
-  """Fraction of inputs certified correct at each radius threshold.
+  r"""Fraction of inputs certified correct at each radius threshold.
 
-    acc(r) = (1 / N) * sum_i [correct_i and radius_i >= r]
+  .. math::
+    \mathrm{acc}(r) = \frac{1}{N} \sum_{i<N}
+        [\mathrm{correct}_i \text{ and } \mathrm{radius}_i \ge r]
 
   `correct_i` must already be false for abstentions (prediction -1 never equals
   a label), as in the certification logs.

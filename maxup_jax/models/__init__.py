@@ -72,6 +72,8 @@ MODEL_NAMES: tuple[str, ...] = (
     "resnet101",
     "resnet152",
 )
+"""The registry names of the paper's models; `create_model` also accepts the
+patterns listed in the module docstring."""
 
 _NAME_PATTERNS = (
     "resnet<6n+2> (CIFAR; except 50, 152)",

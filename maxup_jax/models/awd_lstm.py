@@ -153,7 +153,7 @@ class AWDLSTM(nn.Module):
   """The AWD-LSTM language model.
 
   Attributes:
-    vocab_size: V.
+    vocab_size: vocabulary size V.
     embed_dim: embedding size (400 in AWD-LSTM).
     hidden_dim: hidden size of every layer but the last (1150).
     num_layers: LSTM layers (3).
@@ -423,4 +423,5 @@ def masked_nll_sum(nll: Array, length: Array | int) -> tuple[Array, Array]:
 
 
 def num_params(params: Any) -> int:
+  """The number of scalars in a pytree of arrays, e.g. a model's parameters."""
   return sum(x.size for x in jax.tree.leaves(params))

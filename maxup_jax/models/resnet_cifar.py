@@ -255,7 +255,7 @@ class PreActBasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-  """ResNet-`depth` for CIFAR (He et al., 2016a, sec. 4.2), depth = 6n+2.
+  """ResNet-`depth` for CIFAR (He et al., 2016a, section 4.2), depth = 6n+2.
 
   Stem 3x3 conv (16) -> BN -> ReLU, three stages of n basic blocks with 16,
   32, 64 channels (stride 2 at the start of stages 2 and 3), global average
