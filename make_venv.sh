@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with a Python that gets the newest JAX (>= 3.12; Python 3.11
 # only gets JAX 0.10, which is much slower on CPUs) and installs the project
-# with its test tools into it.
+# into it with the `dev` extra: the training programs' stack (the `train`
+# extra), the documentation's tools (`docs`) and the test tools.
 #
 #   ./make_venv.sh                       # the first suitable python found
 #   PYTHON=/path/to/python3 ./make_venv.sh
