@@ -3,7 +3,7 @@
 MaxUp draws m i.i.d. copies x'_1..x'_m ~ P(.|x) of every example and trains on
 the worst. For the worst copy to be reproducible (`maxup_loss` re-evaluates
 the winning key), every augmentation here is a pure function of per-example
-keys:
+keys::
 
     aug(keys, images, labels) -> (images, labels)
 
@@ -45,11 +45,16 @@ Array = jax.Array
 
 
 class Augmentation(Protocol):
-  """A batch transformation driven by one PRNG key per example."""
+  """A batch transformation driven by one PRNG key per example.
+
+  What the factories of this module return; see the module docstring for the
+  shapes.
+  """
 
   def __call__(
       self, keys: Array, images: Array, labels: Array | None
   ) -> tuple[Array, Array | None]:
+    """Perturbs example i of `images` (and its label) with `keys[i]` alone."""
     ...
 
 
