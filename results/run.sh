@@ -2,8 +2,10 @@
 # Runs the experiments of RESULTS.md; `results/make_results.py` then builds its tables and plots.
 #
 #   results/run.sh cifar10|mnist|certify|ptb|all    (from the repository root)
-#   results/run.sh cifar10_certify|ptb_asgd|ptb_asgd_more_seeds
-#   results/run.sh scratch|scratch_more_seeds|finetune|scratch_ablation
+#   results/run.sh cifar10_certify|cifar10_certify_sigma05|ptb_asgd|ptb_asgd_more_seeds
+#   results/run.sh scratch|scratch_more_seeds|finetune|finetune_cutmix|scratch_ablation
+#
+# What is still to run, in order, and its budget: results/PLAN.md.
 #
 # Every run writes to runs/results/EXPERIMENT/NAME (metrics.jsonl, train.log,
 # checkpoints) and is skipped when it has already finished, so the script can
@@ -172,6 +174,67 @@ finetune() {
   done
 }
 
+# Experiment 8 at sigma 0.5 (the issue's next priority after experiment 10):
+# the same two methods, trained and certified at sigma 0.5, into their own
+# directory.
+cifar10_certify_sigma05() {
+  local dir=$RUNS/cifar10_gauss_sigma0.5 config=configs/results_cifar10_gauss.py seed m
+  for seed in "${SEEDS[@]}"; do
+    for m in 1 5; do
+      train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed" \
+        --config.augment.gaussian_sigma=0.5
+      certify_run "$dir/m${m}_seed$seed" 0.5 50
+    done
+  done
+}
+
+# A fine-tune's starting point is a run's checkpoint; restore_collected
+# brings back only its logs, so without checkpoints the run trains again.
+pretrained() {  # pretrained WORKDIR CONFIG [--config.X=Y ...]
+  local workdir=$1; shift
+  if [[ ! -d $workdir/checkpoints ]]; then
+    rm -rf "$workdir"
+  fi
+  train "$workdir" "$@"
+}
+
+# Experiment 10: the paper's fine-tuning recipe at CIFAR scale. Per seed:
+# the CutMix-trained baseline (experiment 6's regime with CutMix for Cutout);
+# from it, at each learning rate (the paper's 1e-5 first), MaxUp+CutMix
+# (m=4), CutMix (m=1) and CutMix for MaxUp's time, 20 epochs; then the
+# BatchNorm-frozen variant (the paper's EfficientNet recipe: 1e-4, 5 epochs).
+# Fine-tuning seed S starts from pretrained seed S. LRS="1e-5" runs a subset.
+finetune_cutmix() {
+  local config=configs/results_cifar10_finetune_cutmix.py seed lr m equal init
+  local scratch=$RUNS/cifar10_cutmix_scratch dir=$RUNS/cifar10_finetune_paper
+  local frozen=$RUNS/cifar10_finetune_paper_frozen
+  for seed in "${SEEDS[@]}"; do
+    pretrained "$scratch/m1_seed$seed" "$config:pretrain" --config.seed="$seed"
+  done
+  equal=$(measured_equal_time "$dir" "$config:1e-5,4" 1)
+  for lr in ${LRS:-1e-5 1e-4 1e-3}; do
+    for seed in "${SEEDS[@]}"; do
+      init=--config.init_checkpoint=$scratch/m1_seed$seed
+      for m in 4 1; do
+        train "$dir/lr${lr}_m${m}_seed$seed" "$config:$lr,$m" --config.seed="$seed" "$init"
+      done
+      train "$dir/lr${lr}_m1_equal_time_seed$seed" "$config:$lr,1" --config.seed="$seed" "$init" \
+        --config.num_epochs="$equal"
+    done
+  done
+  # The step-time ratio is measured with BatchNorm training (the benchmarks'
+  # step runner), applied to the frozen variant's 5 epochs.
+  equal=$(measured_equal_time "$frozen" "$config:1e-4,4,frozen" 0.5)
+  for seed in "${SEEDS[@]}"; do
+    init=--config.init_checkpoint=$scratch/m1_seed$seed
+    for m in 4 1; do
+      train "$frozen/lr1e-4_m${m}_seed$seed" "$config:1e-4,$m,frozen" --config.seed="$seed" "$init"
+    done
+    train "$frozen/lr1e-4_m1_equal_time_seed$seed" "$config:1e-4,1,frozen" --config.seed="$seed" \
+      "$init" --config.num_epochs="$equal"
+  done
+}
+
 # Experiment 9: PTB past NT-ASGD's switch. First the baseline's dropout, a
 # grid at seed 0 without the fine-tuning restart or dynamic evaluation; the
 # lowest validation perplexity of the best weights picks the dropout of
@@ -226,11 +289,11 @@ mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
 ptb() { compare ptb configs/results_ptb.py 6 1 2; }
 
 case "${1:-}" in
-  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|ptb_asgd|ptb_asgd_more_seeds)
+  cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|finetune_cutmix|scratch_ablation|cifar10_certify|cifar10_certify_sigma05|ptb_asgd|ptb_asgd_more_seeds)
     restore_collected; "$1" ;;
   all) restore_collected
        cifar10; mnist; certify; ptb; scratch; scratch_more_seeds; finetune; scratch_ablation
-       cifar10_certify; ptb_asgd; ptb_asgd_more_seeds ;;
-  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|scratch_ablation|cifar10_certify|ptb_asgd|ptb_asgd_more_seeds|all" >&2
+       cifar10_certify; ptb_asgd; ptb_asgd_more_seeds; finetune_cutmix; cifar10_certify_sigma05 ;;
+  *) echo "usage: $0 cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|finetune_cutmix|scratch_ablation|cifar10_certify|cifar10_certify_sigma05|ptb_asgd|ptb_asgd_more_seeds|all" >&2
      exit 2 ;;
 esac

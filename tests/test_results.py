@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,3 +159,121 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
   assert "for SEED in 0 1 2 3 4; do" in table and "for SEED in 0 1 2; do" in table
   row = next(line for line in mr.what_held_table().splitlines() if line.startswith("| 9."))
   assert "first 3 seeds" in row and "5 seeds (2 added after looking)" in row
+
+
+# ---------------------------------------------------------------------------
+# Experiment 10's config (configs/results_cifar10_finetune_cutmix.py) and run.sh target.
+
+
+def _flat(config):
+  return dict(_items(config.to_dict()))
+
+
+def _items(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def test_cutmix_finetune_config_builds_the_papers_recipe():
+  sys.path.insert(0, str(REPO))
+  from configs import results_cifar10_finetune_cutmix as ft, results_cifar10_scratch
+
+  pretrain, scratch = _flat(ft.get_config("pretrain")), _flat(results_cifar10_scratch.get_config("1"))
+  # Experiment 6's baseline with CutMix in place of Cutout, nothing else.
+  assert {k for k in scratch if pretrain[k] != scratch[k]} == {"augment.cutout_length",
+                                                               "augment.cutmix_alpha"}
+  assert pretrain["augment.cutmix_alpha"] == 1.0 and pretrain["augment.cutout_length"] == 0
+  for lr in ft.LEARNING_RATES:
+    maxup, standard = ft.get_config(f"{lr},4"), ft.get_config(f"{lr},1")
+    assert maxup.learning_rate == float(lr) and maxup.lr_schedule == "constant"
+    assert maxup.num_epochs == 20 and not maxup.freeze_batch_norm
+    assert maxup.maxup.warmup_epochs == 0 and maxup.init_checkpoint == ft.PRETRAINED
+    assert maxup.augment.cutmix_alpha == 1.0 and maxup.augment.cutout_length == 0
+    # The methods differ only in the number of copies.
+    assert {k for k, v in _flat(maxup).items() if _flat(standard)[k] != v} == {"maxup.num_copies"}
+  frozen = ft.get_config("1e-4,4,frozen")
+  assert frozen.freeze_batch_norm and frozen.num_epochs == 5 and frozen.learning_rate == 1e-4
+  for bad in ("1e-2,4", "1e-5,2", "1e-5", "1e-5,4,thawed", "cutmix,4"):
+    with pytest.raises(ValueError):
+      ft.get_config(bad)
+
+
+def test_run_sh_has_the_cutmix_finetune_target():
+  text = (REPO / "results" / "run.sh").read_text()
+  assert "finetune_cutmix()" in text and "cifar10_certify_sigma05()" in text
+  usage = subprocess.run(["bash", "results/run.sh", "no_such_target"], cwd=REPO, capture_output=True,
+                         text=True)
+  assert usage.returncode == 2 and "finetune_cutmix" in usage.stderr
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "tfds" / "cifar10").is_dir(),
+                    reason="real CIFAR-10 not found in ../shared/tfds")
+def test_cutmix_finetune_runs_a_few_steps(tmp_path):
+  # The pretrain config for 4 steps, then MaxUp+CutMix fine-tuning from it,
+  # on 256 images (scored on 200): what the real runs do, in seconds.
+  sys.path.insert(0, str(REPO))
+  from configs import results_cifar10_finetune_cutmix as ft
+  from trainer import checkpointing, image, metrics
+
+  def tiny(config):
+    config.data_dir = str(REPO.parent / "shared" / "tfds")
+    config.num_devices = 1
+    config.num_train_examples = config.train_eval_examples = 256
+    config.num_eval_examples = 200
+    config.batch_size = 64
+    config.eval_batch_size = 100
+    config.num_epochs = 1
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 4
+    return config
+
+  image.train_and_evaluate(tiny(ft.get_config("pretrain")), str(tmp_path / "pretrain"))
+  config = tiny(ft.get_config("1e-3,4"))
+  config.init_checkpoint = str(tmp_path / "pretrain")
+  image.train_and_evaluate(config, str(tmp_path / "finetune"))
+  records = metrics.read_metrics(str(tmp_path / "finetune"))
+  assert [r["num_copies"] for r in records if r["split"] == "train"] == [4, 4]
+  assert int(checkpointing.load_arrays(str(tmp_path / "finetune"))["step"]) == 4
+  assert [r for r in records if r["split"] == "summary"][-1]["steps"] == 4
+
+
+def test_run_sh_finetune_cutmix_runs_the_grid_in_order(tmp_path):
+  # run.sh with a stand-in python that records each command and writes a
+  # finished run: the order, the workdirs and each fine-tune's starting point.
+  shutil.copytree(REPO / "results", tmp_path / "results")
+  fake = tmp_path / "fake_python"
+  fake.write_text("""#!/bin/bash
+echo "$*" >> commands.txt
+if [[ $1 == results/equal_time.py ]]; then echo 40; exit 0; fi
+while [[ $# -gt 0 ]]; do [[ $1 == --workdir ]] && workdir=$2; shift; done
+mkdir -p "$workdir/checkpoints"
+echo '{"split": "summary", "preempted": false}' > "$workdir/metrics.jsonl"
+echo "summary: done"
+""")
+  fake.chmod(0o755)
+  completed = subprocess.run(["bash", "results/run.sh", "finetune_cutmix"], cwd=tmp_path,
+                             capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "SEEDS": "0 1"})
+  assert completed.returncode == 0, completed.stderr
+  commands = (tmp_path / "commands.txt").read_text().splitlines()
+  workdirs = [c.split("--workdir ")[1].split()[0] for c in commands if "--workdir" in c]
+  config = "configs/results_cifar10_finetune_cutmix.py"
+  assert workdirs[:2] == ["runs/results/cifar10_cutmix_scratch/m1_seed0",
+                          "runs/results/cifar10_cutmix_scratch/m1_seed1"]
+  grid = [w.removeprefix("runs/results/cifar10_finetune_paper/") for w in workdirs[2:20]]
+  assert grid == [f"lr{lr}_{m}_seed{s}" for lr in ("1e-5", "1e-4", "1e-3") for s in (0, 1)
+                  for m in ("m4", "m1", "m1_equal_time")]
+  assert [w.rsplit("/", 1)[1] for w in workdirs[20:]] == [
+      f"lr1e-4_{m}_seed{s}" for s in (0, 1) for m in ("m4", "m1", "m1_equal_time")]
+  assert all("cifar10_finetune_paper_frozen/" in w for w in workdirs[20:])
+  for command in commands:
+    if "--workdir runs/results/cifar10_finetune_paper" in command:  # Seed S starts from seed S.
+      seed = command.split("--config.seed=")[1].split()[0]
+      assert f"--config.init_checkpoint=runs/results/cifar10_cutmix_scratch/m1_seed{seed}" in command
+      assert f"--config {config}:1e-" in command
+    if "equal_time_seed" in command:
+      assert "--config.num_epochs=40" in command
+  assert sum("results/equal_time.py" in c for c in commands) == 2
