@@ -110,8 +110,8 @@ class Steps:
     parameters = inspect.signature(image.train_step).parameters
     if "skip_nonfinite" in parameters:
       kwargs["skip_nonfinite"] = self.config.get("nonfinite") == "skip"
-    if "copies_per_pass" in parameters:  # train_step ignores it in single-pass mode
-      kwargs["copies_per_pass"] = self.config.maxup.get("copies_per_pass", 0) or None
+    if "copies_per_pass" in parameters:
+      kwargs["copies_per_pass"] = self.config.maxup.copies_per_pass
     if "selection_model" in parameters:
       selection_dtype = self.config.maxup.get("selection_dtype", "")
       if selection_dtype and selection_dtype != self.config.dtype:
@@ -174,12 +174,15 @@ class StepRunner:
 class LanguageStepRunner:
   """Calls a language model's jitted train step on its own (donated) state; records CPU times per call."""
 
-  def __init__(self, config, vocab_size, batch, length, num_copies):
+  def __init__(self, config, vocab_size, batch, length, num_copies, num_devices: int = 1):
     self.model = language.create_model(config, vocab_size)
-    self.state = jax.jit(lambda: language.initial_train_state(
-        self.model, config.batch_size, jax.random.key(0)))()
+    mesh = mesh_lib.create_mesh(num_devices)
+    init = lambda: language.initial_train_state(self.model, config.batch_size, jax.random.key(0))
+    self.state = jax.jit(init, out_shardings=language.train_state_shardings(
+        jax.eval_shape(init), mesh))()
     self.step_fn = language.make_train_step(config, self.model, num_copies=num_copies)
-    self.batch = jax.device_put(batch)
+    self.batch = jax.device_put(
+        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)))
     self.length = jnp.int32(length)
     self.key = jax.random.key(1)
     self.count = 0

@@ -68,9 +68,10 @@ def get_config():
   # two_pass only: rank the copies with the model computing in this dtype
   # ("" = config.dtype); e.g. "bfloat16" selection for a float32 gradient pass.
   config.maxup.selection_dtype = ""
-  # two_pass only: copies per selection pass, run in sequence; 0 = all m in
-  # one vmapped pass. Smaller working sets for small CPU caches or big models.
-  config.maxup.copies_per_pass = 0
+  # Copies one pass evaluates; the passes run in sequence. 1 partitions over a
+  # sharded batch like the standard step; k > 1 vmaps k copies per pass (one
+  # device only: a vmapped convolution's copies are not split over devices).
+  config.maxup.copies_per_pass = 1
 
   config.seed = 0
   config.log_every_steps = 50

@@ -71,6 +71,9 @@ def get_config():
   config.maxup = ml_collections.ConfigDict()
   config.maxup.num_copies = 1  # 1 = plain AWD-LSTM; the paper uses 2.
   config.maxup.mode = "two_pass"  # two_pass | single_pass
+  # Copies one pass evaluates, the passes in sequence: 1 partitions over the
+  # streams' devices like the standard step; k > 1 vmaps k copies per pass.
+  config.maxup.copies_per_pass = 1
 
   # Krause et al. (2018): eta=0.002, lambda=0.02, epsilon=0.001 for AWD-LSTM in
   # their original code's scaling, which is eta / sqrt(#stat segments),

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxup_jax import _sharding
+
 Array = jax.Array
 
 
@@ -280,11 +282,16 @@ def random_crop_flip(padding: int = 4, fill=0.0) -> Augmentation:
     return jnp.where(flip, window[:, ::-1], window)
 
   def apply(keys, images, labels):
-    batch_size, height, width, channels = _check_batch(keys, images, labels)
+    _, height, width, channels = _check_batch(keys, images, labels)
     fill_value = _fill_value(fill, channels, images.dtype)
-    padded_shape = (batch_size, height + 2 * padding, width + 2 * padding, channels)
-    padded = jnp.broadcast_to(fill_value, padded_shape)
-    padded = padded.at[:, padding:padding + height, padding:padding + width].set(images)
+    # Padding the images themselves keeps their sharding (a broadcast fill
+    # would be replicated); the border then takes the fill colour.
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    rows = jnp.arange(height + 2 * padding)[:, None]
+    cols = jnp.arange(width + 2 * padding)[None, :]
+    border = ((rows < padding) | (rows >= padding + height)
+              | (cols < padding) | (cols >= padding + width))
+    padded = jnp.where(border[..., None], fill_value, jnp.pad(images, pad))
     crops = jax.vmap(crop_flip, in_axes=(0, 0, None, None))(keys, padded, height, width)
     return crops, labels
 
@@ -326,11 +333,10 @@ def cutmix(alpha: float, num_classes: int | None = None) -> Augmentation:
   def apply(keys, images, labels):
     batch_size, height, width, _ = _check_batch(keys, images, labels)
     soft = _soft_labels(labels, num_classes, "cutmix")
-    partner, box, lam = jax.vmap(draw, in_axes=(0, None, None, None))(
-        keys, batch_size, height, width
-    )
+    partner, box, lam = _per_example(
+        lambda key: draw(key, batch_size, height, width), keys)
     masks = jax.vmap(box_mask, in_axes=(0, None, None))(box, height, width)
-    mixed = jnp.where(masks[..., None], images[partner], images)
+    mixed = jnp.where(masks[..., None], _sharding.take_rows(images, partner), images)
     return mixed, _mix_labels(soft, partner, lam)
 
   return apply
@@ -370,11 +376,11 @@ def mixup(alpha: float, num_classes: int | None = None) -> Augmentation:
   def apply(keys, images, labels):
     batch_size = _check_batch(keys, images, labels, spatial=False)[0]
     soft = _soft_labels(labels, num_classes, "mixup")
-    partner, lam = jax.vmap(draw, in_axes=(0, None))(keys, batch_size)
+    partner, lam = _per_example(lambda key: draw(key, batch_size), keys)
     compute_dtype = jnp.promote_types(images.dtype, jnp.float32)
     weight = lam.astype(compute_dtype).reshape((batch_size,) + (1,) * (images.ndim - 1))
     own = images.astype(compute_dtype)
-    mixed = weight * own + (1 - weight) * own[partner]
+    mixed = weight * own + (1 - weight) * _sharding.take_rows(own, partner)
     return mixed.astype(images.dtype), _mix_labels(soft, partner, lam)
 
   return apply
@@ -445,9 +451,24 @@ def normalize(images: Array, mean, std) -> Array:
 # Helpers.
 
 
+def _per_example(draw, keys: Array):
+  """`jax.vmap(draw)(keys)`: the per-example random draws of a mixing augmentation.
+
+  Under explicit sharding, JAX's Gamma sampler (behind the Beta draws) fails
+  to batch over sharded keys, so the draws, a few scalars per example, are
+  made on every device from the whole batch's keys and then split like the
+  keys. Elsewhere this is just the vmap.
+  """
+  axes = _sharding.explicit_batch_axes(keys)
+  if axes is None:
+    return jax.vmap(draw)(keys)
+  draws = jax.vmap(draw)(jax.sharding.reshard(keys, jax.sharding.PartitionSpec()))
+  return jax.tree.map(lambda x: _sharding.shard_axis_like(x, 0, axes), draws)
+
+
 def _mix_labels(soft: Array, partner: Array, lam: Array) -> Array:
   weight = lam.astype(jnp.promote_types(soft.dtype, jnp.float32))[:, None]
-  mixed = weight * soft + (1 - weight) * soft[partner]
+  mixed = weight * soft + (1 - weight) * _sharding.take_rows(soft, partner)
   chex.assert_equal_shape((mixed, soft))
   return mixed.astype(soft.dtype)
 

@@ -1,12 +1,14 @@
-"""The MaxUp loss: train on the worst of `num_copies` random copies of each example.
+r"""The MaxUp loss: train on the worst of `num_copies` random copies of each example.
 
 MaxUp (Gong, Ren, Ye & Liu, 2020) replaces the usual augmented risk
 
-    E_x [ E_{x'~P(.|x)} L(x', theta) ]
+.. math::
+  \mathbb{E}_x \, \mathbb{E}_{x' \sim P(\cdot \mid x)} L(x', \theta)
 
 by the expected worst case over m i.i.d. augmented copies
 
-    E_x [ max_{i<m} L(x'_i, theta) ],     x'_1..x'_m ~ P(.|x).
+.. math::
+  \mathbb{E}_x \max_{i<m} L(x'_i, \theta), \qquad x'_1, \dots, x'_m \sim P(\cdot \mid x).
 
 The gradient of the max is the gradient of the arg-max copy (eq. 3 of the
 paper), so the copies only have to be *compared*, never differentiated:
@@ -24,6 +26,8 @@ from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from maxup_jax import _sharding
 
 Array = jax.Array
 PyTree = Any
@@ -63,7 +67,7 @@ def maxup_loss(
     has_aux: bool = False,
     mode: Literal["two_pass", "single_pass"] = "two_pass",
     selection_loss_fn: LossFn | None = None,
-    copies_per_pass: int | None = None,
+    copies_per_pass: int = 1,
 ) -> tuple[Array, MaxUpAux]:
   r"""Mean over the batch of the worst-copy loss of each example.
 
@@ -78,18 +82,36 @@ def maxup_loss(
   gradient, same keys.
 
   Modes:
-    `"two_pass"` (default): the model is vmapped over the copies with
-      `stop_gradient` parameters to compute `[num_copies, B]` losses, the
+    `"two_pass"` (default): `loss_fn` evaluates every copy with
+      `stop_gradient` parameters, giving `[num_copies, B]` losses; the
       per-example argmax picks each example's worst key, and `loss_fn` runs
       once more, with gradient, on the winning keys. A gradient costs m
       forward passes plus one forward+backward, as in the paper. If the loss
       of one example depends on the others (BatchNorm in training mode), the
       gradient pass sees the winners' batch statistics rather than each
       copy's, so its values can differ slightly from the selection's.
-    `"single_pass"`: one vmapped forward over all copies with gradient; the
-      max is a gather at `stop_gradient(argmax)`. A gradient costs m
-      forward+backward passes, and the loss differentiated is exactly the one
-      maximised, also with batch-dependent layers.
+    `"single_pass"`: every copy is evaluated with gradient; the max is a
+      gather at `stop_gradient(argmax)`. A gradient costs m forward+backward
+      passes, and the loss differentiated is exactly the one maximised, also
+      with batch-dependent layers.
+
+  Passes and devices: each call of `loss_fn` sees the whole batch with one
+  key per example, `copies_per_pass` copies at a time. With the default of
+  one copy per pass, the copies are evaluated in sequence (`jax.lax.map`),
+  so every pass is an ordinary call of `loss_fn` on `B` examples: under
+  `jax.jit` with the batch sharded over a mesh, XLA partitions each pass like
+  the loss it wraps, and each device evaluates only its own examples'
+  copies, with no annotation (the keys follow the batch's sharding, also in
+  explicit sharding mode). `copies_per_pass=k > 1` vmaps the model over `k`
+  copies in each pass, `k * B` examples at once: faster on a single device
+  when `B` alone underuses it (small batches, recurrent models), at `k`
+  times the working set. A vmapped convolution merges the copy axis into
+  the batch axis ahead of the examples, which a partitioner cannot split
+  along a sharded batch, so with convolutions every device then computes
+  the `k` copies of the global batch; keep one copy per pass when the batch
+  is sharded. Under `shard_map` or `pmap` each device calls `maxup_loss` on
+  its own examples: give each device its own key (e.g.
+  `jax.random.fold_in(key, jax.lax.axis_index(axis))`).
 
   Args:
     loss_fn: `loss_fn(params, batch, keys)` with `keys` of shape `[B]` (one
@@ -110,19 +132,21 @@ def maxup_loss(
       it to select with a cheaper variant of the model, e.g. one computing in
       bfloat16 while the gradient pass stays in float32. `aux.copy_losses`
       then holds its values.
-    copies_per_pass: `two_pass` only: how many copies one selection pass
-      vmaps over; None (default) ranks all m in one pass. Smaller values run
-      `ceil(m / copies_per_pass)` passes in sequence (`jax.lax.map`), the
-      same losses with a working set of `copies_per_pass * B` examples,
-      e.g. to stay within a CPU's cache or an accelerator's memory.
+    copies_per_pass: k >= 1, the copies one pass evaluates (vmapped when
+      k > 1): `ceil(m / k)` passes run in sequence; `k >= m` evaluates all
+      copies in one vmapped pass. The losses are the same for every k.
 
   Returns:
     `(loss, aux)`: the scalar mean worst-copy loss, differentiable in
     `params`, and a `MaxUpAux`.
 
   Raises:
-    TypeError / ValueError at trace time for a bad `num_copies`, `mode`, key,
-    batch or a loss of the wrong shape.
+    TypeError: at trace time, for a `num_copies` or key of the wrong type, or
+      a `loss_fn` returning the wrong structure or non-floating losses.
+    ValueError: at trace time, for a bad `num_copies`, `mode` or
+      `copies_per_pass`, a batch without a common leading dimension, a loss
+      of the wrong shape, or `copies_per_pass > 1` on a batch sharded under
+      explicit sharding.
   """
   _check_num_copies(num_copies)
   if mode not in MODES:
@@ -131,43 +155,46 @@ def maxup_loss(
     raise ValueError(
         f"selection_loss_fn is only used by mode='two_pass' (single_pass "
         f"differentiates the selection itself); got mode={mode!r}.")
-  if copies_per_pass is not None:
-    if isinstance(copies_per_pass, bool) or not isinstance(copies_per_pass, int) or (
-        copies_per_pass < 1):
-      raise ValueError(f"copies_per_pass must be None or a Python int >= 1, got "
-                       f"{copies_per_pass!r}.")
-    if mode != "two_pass":
-      raise ValueError(f"copies_per_pass is only used by mode='two_pass'; got mode={mode!r}.")
+  if isinstance(copies_per_pass, bool) or not isinstance(copies_per_pass, int) or (
+      copies_per_pass < 1):
+    raise ValueError(
+        f"copies_per_pass must be a Python int >= 1 (num_copies or more evaluates all "
+        f"copies in one vmapped pass), got {copies_per_pass!r}.")
   _check_key(key)
   batch_size = _batch_size(batch)
 
   keys = jax.random.split(key, num_copies * batch_size)
   keys = keys.reshape((num_copies, batch_size) + keys.shape[1:])
+  # Under explicit sharding, each example's keys must live where the example does.
+  batch_axes = _sharding.explicit_batch_axes(jax.tree.leaves(batch)[0])
+  if batch_axes is not None and 1 < copies_per_pass and num_copies > 1:
+    raise ValueError(
+        f"copies_per_pass={copies_per_pass} vmaps copies together, which cannot be split "
+        f"along a batch sharded over mesh axes {batch_axes!r} (explicit sharding); "
+        "use copies_per_pass=1, which partitions like the loss itself.")
+  keys = _sharding.shard_axis_like(keys, 1, batch_axes)
   call = _checked_loss_fn(loss_fn, has_aux, batch_size)
 
-  if mode == "single_pass":
-    losses, loss_aux = jax.vmap(call, in_axes=(None, None, 0))(params, batch, keys)
-    selected = jnp.argmax(jax.lax.stop_gradient(losses), axis=0)
-    worst = jnp.take_along_axis(losses, selected[None], axis=0)[0]
-    copy_losses = jax.lax.stop_gradient(losses)
-  elif num_copies == 1:
+  if num_copies == 1:
     # Plain augmentation: nothing to select, so no selection pass is spent.
     worst, loss_aux = call(params, batch, keys[0])
     selected = jnp.zeros((batch_size,), jnp.int32)
     copy_losses = jax.lax.stop_gradient(worst)[None]
+    if mode == "single_pass":
+      loss_aux = jax.tree.map(lambda leaf: leaf[None], loss_aux)
+  elif mode == "single_pass":
+    losses, loss_aux = _every_copy(call, params, batch, keys, copies_per_pass)
+    selected = jnp.argmax(jax.lax.stop_gradient(losses), axis=0)
+    worst = jnp.take_along_axis(losses, selected[None], axis=0)[0]
+    copy_losses = jax.lax.stop_gradient(losses)
   else:
     select = call if selection_loss_fn is None else _checked_loss_fn(
         selection_loss_fn, has_aux, batch_size)
-    frozen = jax.lax.stop_gradient(params)
-    if copies_per_pass is None or copies_per_pass >= num_copies:
-      copy_losses, _ = jax.vmap(select, in_axes=(None, None, 0))(frozen, batch, keys)
-    else:
-      copy_losses, _ = jax.lax.map(lambda copy_keys: select(frozen, batch, copy_keys), keys,
-                                   batch_size=copies_per_pass)
+    copy_losses, _ = _every_copy(
+        select, jax.lax.stop_gradient(params), batch, keys, copies_per_pass)
     copy_losses = jax.lax.stop_gradient(copy_losses)
     selected = jnp.argmax(copy_losses, axis=0)
-    winning_keys = keys[selected, jnp.arange(batch_size)]
-    worst, loss_aux = call(params, batch, winning_keys)
+    worst, loss_aux = call(params, batch, _take_copy(keys, selected))
 
   aux = MaxUpAux(
       copy_losses=copy_losses,
@@ -175,6 +202,28 @@ def maxup_loss(
       loss_aux=loss_aux if has_aux else None,
   )
   return jnp.mean(worst), aux
+
+
+def _every_copy(call, params, batch, keys, copies_per_pass: int):
+  """`call` on every copy: losses `[m, B]` and aux with a leading `m` axis."""
+  num_copies = keys.shape[0]
+  if copies_per_pass >= num_copies:
+    return jax.vmap(call, in_axes=(None, None, 0))(params, batch, keys)
+  per_copy = lambda copy_keys: call(params, batch, copy_keys)
+  if copies_per_pass == 1:
+    # A loop whose every iteration is one ordinary call of the loss on the
+    # whole batch: it partitions exactly as the wrapped loss does.
+    return jax.lax.map(per_copy, keys)
+  return jax.lax.map(per_copy, keys, batch_size=copies_per_pass)
+
+
+def _take_copy(keys: Array, selected: Array) -> Array:
+  """`keys[selected[b], b]` for every example b: the winning copy's key."""
+  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    data = _take_copy(jax.random.key_data(keys), selected)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
+  index = selected.reshape(selected.shape + (1,) * (keys.ndim - 2))
+  return jnp.take_along_axis(keys, index[None], axis=0)[0]
 
 
 def _check_num_copies(num_copies) -> None:

@@ -158,16 +158,19 @@ class ModesTest(parameterized.TestCase):
     def spying_loss(params, batch, keys):
       return noisy_linear_loss({"w": spy(params["w"]), "b": params["b"]}, batch, keys)
 
-    def grad(mode):
+    def grad(mode, copies_per_pass=1):
       traces.clear()
-      jax.grad(lambda p: maxup_loss(spying_loss, p, _batch(), jax.random.key(0), 4, mode=mode)[0])(
-          _linear_params())
+      jax.grad(lambda p: maxup_loss(spying_loss, p, _batch(), jax.random.key(0), 4, mode=mode,
+                                    copies_per_pass=copies_per_pass)[0])(_linear_params())
       return list(traces)
 
-    # m copies compared in one vmapped pass without gradient, then one
-    # differentiated pass over the B winners.
+    # m copies compared without gradient (one pass per copy, in a loop, or
+    # all in one vmapped pass), then one differentiated pass over the B winners.
     assert grad("two_pass") == ["forward only", "differentiated"]
-    assert grad("single_pass") == ["differentiated"]
+    assert grad("two_pass", copies_per_pass=4) == ["forward only", "differentiated"]
+    assert grad("single_pass", copies_per_pass=4) == ["differentiated"]
+    # The loop stages its body once (tracing the primal) before differentiating it.
+    assert grad("single_pass").count("differentiated") == 1
 
   def test_raw_uint32_keys_are_passed_through_as_raw_keys(self):
     kinds = []
@@ -496,31 +499,29 @@ class SelectionLossTest(parameterized.TestCase):
 class CopiesPerPassTest(parameterized.TestCase):
 
   # One pass per copy, uneven passes (5 = 2 + 2 + 1), and more per pass than copies.
-  @parameterized.parameters((5, 1, False), (5, 2, True), (2, 10, True))
-  def test_sequential_selection_equals_one_vmapped_pass(self, num_copies, copies_per_pass, jit):
+  @parameterized.product(
+      shape=((5, 1, False), (5, 2, True), (2, 10, True)), mode=("two_pass", "single_pass"))
+  def test_every_copies_per_pass_gives_the_one_vmapped_pass(self, shape, mode):
+    num_copies, copies_per_pass, jit = shape
     params, batch, key = _linear_params(), _batch(), jax.random.key(5)
 
     def run(per_pass):
-      fn = lambda p: maxup_loss(noisy_linear_loss, p, batch, key, num_copies,
+      fn = lambda p: maxup_loss(noisy_linear_loss, p, batch, key, num_copies, mode=mode,
                                 copies_per_pass=per_pass)
       grad_fn = jax.value_and_grad(fn, has_aux=True)
       return (jax.jit(grad_fn) if jit else grad_fn)(params)
 
     (loss, aux), grad = run(copies_per_pass)
-    (ref_loss, ref_aux), ref_grad = run(None)
+    (ref_loss, ref_aux), ref_grad = run(num_copies)
     chex.assert_shape(aux.copy_losses, (num_copies, BATCH))
     chex.assert_trees_all_close(aux.copy_losses, ref_aux.copy_losses, rtol=1e-6)
     np.testing.assert_array_equal(aux.selected_copy, ref_aux.selected_copy)
     chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6)
-    chex.assert_trees_all_close(grad, ref_grad, rtol=1e-6)
+    # Single-pass sums the copies' gradients in another order in a loop.
+    chex.assert_trees_all_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
 
-  @parameterized.parameters(0, -1, 1.5, True)
+  @parameterized.parameters(0, -1, 1.5, True, None)
   def test_bad_copies_per_pass(self, copies_per_pass):
-    with pytest.raises(ValueError, match="copies_per_pass must be None or a Python int >= 1"):
+    with pytest.raises(ValueError, match="copies_per_pass must be a Python int >= 1"):
       maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
                  copies_per_pass=copies_per_pass)
-
-  def test_copies_per_pass_needs_two_pass(self):
-    with pytest.raises(ValueError, match="copies_per_pass is only used by mode='two_pass'"):
-      maxup_loss(noisy_linear_loss, _linear_params(), _batch(), jax.random.key(0), 2,
-                 mode="single_pass", copies_per_pass=1)

@@ -82,9 +82,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
   check(maxup.warmup_epochs >= 0, f"maxup.warmup_epochs={maxup.warmup_epochs}; must be >= 0")
-  check(loop.is_int_at_least(maxup.copies_per_pass, 0),
-        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 0 (0 = all copies "
-        "in one selection pass)")
+  check(loop.is_int_at_least(maxup.copies_per_pass, 1),
+        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 1 (num_copies or "
+        "more = all copies in one vmapped pass)")
+  check(maxup.copies_per_pass == 1 or num_devices == 1,
+        f"maxup.copies_per_pass={maxup.copies_per_pass} vmaps copies together, which XLA does "
+        f"not split over the {num_devices} devices; use 1 on several devices")
   check(maxup.selection_dtype in ("",) + tuple(DTYPES),
         f"maxup.selection_dtype={maxup.selection_dtype!r}; valid: '' (= dtype) or {sorted(DTYPES)}")
   aug = config.augment
@@ -212,7 +215,7 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_copies: int,
                mode: str, freeze_batch_norm: bool = False, selection_model=None,
-               skip_nonfinite: bool = False, copies_per_pass: int | None = None):
+               skip_nonfinite: bool = False, copies_per_pass: int = 1):
   """One SGD step on the MaxUp loss; `num_copies=1` is standard augmentation.
 
   Args:
@@ -224,8 +227,8 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     skip_nonfinite: a step whose loss, gradient or updated weights hold a
       NaN/inf leaves the state unchanged (but for the step counter) instead
       of applying the update.
-    copies_per_pass: two-pass only: copies per selection pass (`maxup_loss`);
-      None ranks all of them in one pass.
+    copies_per_pass: copies one pass evaluates (`maxup_loss`): 1 partitions
+      over the sharded batch; k > 1 vmaps k copies per pass.
 
   Returns:
     (new_state, metrics) with scalar metrics: `loss` (mean worst-copy loss),
@@ -258,7 +261,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
   def objective(params):
     return maxup_loss(make_loss_fn(model), params, batch, key, num_copies, has_aux=True,
                       mode=mode, selection_loss_fn=select,
-                      copies_per_pass=copies_per_pass if mode == "two_pass" else None)
+                      copies_per_pass=copies_per_pass)
 
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_stats, correct = aux.loss_aux
@@ -389,7 +392,7 @@ class ImageTask(loop.Task):
     step_kwargs = dict(
         model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
         mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
-        copies_per_pass=config.maxup.copies_per_pass or None,
+        copies_per_pass=config.maxup.copies_per_pass,
         selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
     # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
     self.step_fns = {

@@ -42,6 +42,7 @@ from maxup_jax import dynamic_eval
 from maxup_jax.maxup import MODES, maxup_loss
 from maxup_jax.models import awd_lstm
 from trainer import loop, text_data
+from trainer import mesh as mesh_lib
 
 # Words per chunk of the chunked output-layer loss (awd_lstm.sequence_loss_chunked); 0 computes
 # the full [B, T, V] logits instead (awd_lstm.sequence_loss). Set by config.vocab_chunk_size.
@@ -154,6 +155,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(loop.is_int_at_least(maxup.num_copies, 1),
         f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
   check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
+  check(loop.is_int_at_least(maxup.copies_per_pass, 1),
+        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 1 (num_copies or "
+        "more = all copies in one vmapped pass)")
   dyn = config.dynamic_eval
   if dyn.enabled:
     for name in ("learning_rate", "decay", "epsilon"):
@@ -273,10 +277,20 @@ def initial_train_state(model, batch_size: int, init_key) -> TrainState:
                     best_params=copy(params), carry=carry)
 
 
+def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+  """Where a `TrainState` lives on `mesh`: weights replicated, each stream's hidden state
+  with its stream (the batch's 'data' sharding)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  streams = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
+  return jax.tree.map(lambda _: replicated, state).replace(
+      carry=jax.tree.map(lambda _: streams, state.carry))
+
+
 def train_step(state: TrainState, batch, length, key, *, model, num_copies: int, mode: str,
                learning_rate: float, bptt: int, clip_grad_norm: float, weight_decay: float,
                activation_reg: float, temporal_activation_reg: float,
-               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE, skip_nonfinite: bool = False):
+               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE, skip_nonfinite: bool = False,
+               copies_per_pass: int = 1):
   """One (A)SGD step on the MaxUp loss of a segment; `num_copies=1` is plain AWD-LSTM.
 
   Args:
@@ -292,6 +306,8 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
     skip_nonfinite: a step whose loss, gradient or updated weights hold a
       NaN/inf leaves the state unchanged (but for the step counter) instead
       of applying the update.
+    copies_per_pass: copies one pass evaluates (`maxup_loss`): 1 partitions
+      over the sharded streams; k > 1 vmaps k copies per pass.
 
   Returns:
     (new_state, metrics): summed-friendly scalars `loss` (mean worst-copy
@@ -317,15 +333,17 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
 
   def objective(params):
     return maxup_loss(loss_fn, params, {**batch, "carry": state.carry}, maxup_key, num_copies,
-                      has_aux=True, mode=mode)
+                      has_aux=True, mode=mode, copies_per_pass=copies_per_pass)
 
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   carry, nll = aux.loss_aux
   if mode == "single_pass":
     # Every copy carried gradient; keep each stream's winning copy.
-    streams = jnp.arange(nll.shape[-1])
-    carry = jax.tree.map(lambda x: x[aux.selected_copy, streams], carry)
-    nll = nll[aux.selected_copy, streams]
+    def winners(x):  # [m, B, ...] -> [B, ...], a gather local to each stream's device.
+      index = aux.selected_copy.reshape((1, -1) + (1,) * (x.ndim - 2))
+      return jnp.take_along_axis(x, index, axis=0)[0]
+    carry = jax.tree.map(winners, carry)
+    nll = winners(nll)
 
   # The loss gradient is clipped to norm <= clip_grad_norm first, and torch.optim.SGD's
   # coupled weight decay added after, as in AWD-LSTM: d = clip(g) + weight_decay * theta.
@@ -410,7 +428,7 @@ def dynamic_evaluate(params, carry, segments, stats, *, model, learning_rate: fl
 # arguments), so runs that share them, e.g. a resumed run, reuse the compilation.
 _TRAIN_STEP_STATICS = ("model", "num_copies", "mode", "learning_rate", "bptt", "clip_grad_norm",
                        "weight_decay", "activation_reg", "temporal_activation_reg",
-                       "vocab_chunk_size", "skip_nonfinite")
+                       "vocab_chunk_size", "skip_nonfinite", "copies_per_pass")
 _train_step = jax.jit(train_step, static_argnames=_TRAIN_STEP_STATICS, donate_argnums=0)
 _apply_transition = jax.jit(apply_transition, donate_argnums=0)
 _evaluate_segments = jax.jit(evaluate_segments,
@@ -434,7 +452,8 @@ def make_train_step(config, model, num_copies: int | None = None):
       activation_reg=float(config.activation_reg),
       temporal_activation_reg=float(config.temporal_activation_reg),
       vocab_chunk_size=configured_vocab_chunk_size(config),
-      skip_nonfinite=config.nonfinite == "skip")
+      skip_nonfinite=config.nonfinite == "skip",
+      copies_per_pass=config.maxup.copies_per_pass)
 
 
 def configured_vocab_chunk_size(config) -> int:
@@ -514,12 +533,7 @@ class LanguageTask(loop.Task):
     self.model = create_model(config, self.corpus.vocab_size)
     init_key, self.train_key = jax.random.split(jax.random.key(config.seed))
     init = lambda: initial_train_state(self.model, config.batch_size, init_key)
-    abstract = jax.eval_shape(init)
-    params_sharding = jax.tree.map(lambda _: self.replicated, abstract.params)
-    state_shardings = abstract.replace(
-        step=self.replicated, params=params_sharding, avg_params=params_sharding,
-        avg_count=self.replicated, averaging=self.replicated, best_params=params_sharding,
-        carry=jax.tree.map(lambda _: self.data_sharding, abstract.carry))
+    state_shardings = train_state_shardings(jax.eval_shape(init), mesh)
     self.state = jax.jit(init, out_shardings=state_shardings)()
     self.initial_carry = jax.jit(lambda: self.model.initial_carry(config.batch_size),
                                  out_shardings=state_shardings.carry)()

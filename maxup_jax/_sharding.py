@@ -1,0 +1,57 @@
+"""What a traced array's type says about its sharding, under JAX's explicit sharding mode.
+
+In the default (auto) sharding mode a traced array carries no sharding and
+XLA's partitioner places every intermediate; in explicit mode
+(`jax.make_mesh(..., axis_types=(AxisType.Explicit,))`, `jax.set_mesh`) the
+sharding is part of the type, and operations whose output sharding is
+ambiguous (a gather across devices, an array built from scratch next to a
+sharded one) must be told. These helpers tell them, and do nothing in auto
+mode.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, PartitionSpec
+
+
+def explicit_batch_axes(x: jax.Array):
+  """The explicit mesh axes sharding `x`'s leading (batch) axis, or None.
+
+  None in auto mode, outside any mesh, for a replicated batch axis, or for
+  a 0-d array.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or not len(sharding.spec):
+    return None
+  axes = sharding.spec[0]
+  if axes is None:
+    return None
+  names = axes if isinstance(axes, tuple) else (axes,)
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  return axes if all(types[name] == AxisType.Explicit for name in names) else None
+
+
+def shard_axis_like(x: jax.Array, axis: int, axes) -> jax.Array:
+  """`x` resharded so that `axis` is split over the mesh `axes` (no-op if None)."""
+  if axes is None:
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = axes
+  return jax.sharding.reshard(x, PartitionSpec(*spec))
+
+
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """`x[index]` along the batch axis, also when the batch is explicitly sharded.
+
+  Rows may live on other devices (a CutMix partner), so in explicit mode the
+  whole of `x` is gathered to every device first and the result is sharded
+  like `index`.
+  """
+  axes = explicit_batch_axes(x)
+  if axes is None:
+    return x[index]
+  replicated = jax.sharding.reshard(x, PartitionSpec())
+  out_spec = PartitionSpec(explicit_batch_axes(index), *([None] * (x.ndim - 1)))
+  return replicated.at[index].get(out_sharding=out_spec)
