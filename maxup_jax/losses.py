@@ -145,6 +145,13 @@ def linear_softmax_cross_entropy(inputs: Array, weight: Array, bias: Array, labe
       inputs in row-major order of the leading axes are computed; the others
       get loss 0 and zero gradient, and row blocks wholly past n are skipped
       (e.g. the padded time steps of a time-major `[T, B, D]` segment).
+
+  Blocks are cut along the first axis only; the other leading axes stay
+  whole in every block (`[T, B, D]` is walked a few time steps at a time,
+  all B streams together), so when the inputs are sharded along one of
+  them, e.g. a language model's streams over devices under `jax.jit`, every
+  device computes the logits of its own rows only. A 2-D `[N, D]` input is
+  walked in blocks of rows, which a partitioner cannot split.
     chunk_size: the most classes per chunk (for `row_block_size` rows or
       more), a Python int >= 1.
     row_block_size: rows per block, a Python int >= 1.
@@ -165,15 +172,20 @@ def linear_softmax_cross_entropy(inputs: Array, weight: Array, bias: Array, labe
     raise ValueError(
         f"labels must be integer classes of shape {inputs.shape[:-1]}; got dtype "
         f"{labels.dtype} and shape {labels.shape}.")
-  rows = inputs.reshape(-1, inputs.shape[-1])
+  # [N, S, D]: blocks walk N; the S rows of each of its entries stay together.
+  if inputs.ndim < 2:
+    inputs, labels = inputs[None], labels[None]
+  rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+  num_rows = rows.shape[0] * rows.shape[1]
   if num_valid_rows is None:
-    num_valid_rows = rows.shape[0]
-  num_valid_rows = jnp.minimum(jnp.asarray(num_valid_rows, jnp.int32), rows.shape[0])
-  row_block = _equal_parts(rows.shape[0], row_block_size)
+    num_valid_rows = num_rows
+  num_valid_rows = jnp.minimum(jnp.asarray(num_valid_rows, jnp.int32), num_rows)
+  row_block = _equal_parts(rows.shape[0], max(1, row_block_size // rows.shape[1]))
   # Fewer rows than a block: wider chunks, so a tile keeps about as many logits and a
   # handful of rows is not walked through many tiny chunks.
-  chunk_size = max(chunk_size, chunk_size * row_block_size // row_block)
-  losses = _linear_cross_entropy(rows, weight, bias, labels.reshape(-1).astype(jnp.int32),
+  chunk_size = max(chunk_size, chunk_size * row_block_size // (row_block * rows.shape[1]))
+  losses = _linear_cross_entropy(rows, weight, bias,
+                                 labels.reshape(rows.shape[:2]).astype(jnp.int32),
                                  num_valid_rows, chunk_size, row_block)
   return losses.reshape(labels.shape)
 
@@ -197,46 +209,54 @@ def _class_chunks(weight: Array, bias: Array, chunk_size: int) -> tuple[Array, A
 
 
 def _row_blocks(x: Array, block: int, fill=0) -> Array:
-  """`[N, ...]` -> `[ceil(N / block), block, ...]`, the last block padded with `fill`."""
+  """`[N, S, ...]` -> `[ceil(N / block), block, S, ...]`, the last block padded with `fill`."""
   pad = -x.shape[0] % block
   x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
   return x.reshape((-1, block) + x.shape[1:])
 
 
-def _num_blocks(num_rows: Array, block: int) -> Array:
-  return (num_rows + block - 1) // block
+def _num_blocks(num_rows: Array, rows: Array, block: int) -> Array:
+  """The blocks holding the first `num_rows` rows of `rows` `[N, S, D]`, `block` entries of N each."""
+  rows_per_block = block * rows.shape[1]
+  return (num_rows + rows_per_block - 1) // rows_per_block
+
+
+def _valid(rows: Array, num_rows: Array) -> Array:
+  """`[N, S]`: True for the first `num_rows` rows in row-major order."""
+  index = jnp.arange(rows.shape[0])[:, None] * rows.shape[1] + jnp.arange(rows.shape[1])
+  return index < num_rows
 
 
 def _log_sum_exp_and_loss(rows, weight, bias, labels, num_rows, chunk_size, row_block):
-  """(losses `[N]`, log-sum-exp `[N]`) of `rows @ weight.T + bias` at `labels`, chunk by chunk;
-  rows from `num_rows` on get loss 0 (their log-sum-exp is meaningless)."""
+  """(losses `[N, S]`, log-sum-exp `[N, S]`) of `rows @ weight.T + bias` at `labels`, chunk by
+  chunk; rows from `num_rows` on get loss 0 (their log-sum-exp is meaningless)."""
   weight_chunks, bias_chunks, _ = _class_chunks(weight, bias, chunk_size)
   row_blocks = _row_blocks(rows, row_block)
-  num_blocks = _num_blocks(num_rows, row_block)
+  num_blocks = _num_blocks(num_rows, rows, row_block)
 
   def add_chunk(carry, chunk):
     chunk_weight, chunk_bias = chunk
 
     def add_block(i, carry):
-      running_max, running_sum = carry  # [num_blocks, row_block] each.
+      running_max, running_sum = carry  # [num_blocks, row_block, S] each.
       logits = row_blocks[i] @ chunk_weight.T + chunk_bias
       old_max = running_max[i]
       new_max = jnp.maximum(old_max, jnp.max(logits, axis=-1))
       new_sum = (running_sum[i] * jnp.exp(old_max - new_max)
-                 + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
+                 + jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1))
       return running_max.at[i].set(new_max), running_sum.at[i].set(new_sum)
 
     # Blocks past num_rows are never visited: their compute is skipped, not masked.
     return jax.lax.fori_loop(0, num_blocks, add_block, carry), None
 
-  start = (jnp.full(row_blocks.shape[:2], -jnp.inf, jnp.float32),
-           jnp.zeros(row_blocks.shape[:2], jnp.float32))
+  start = (jnp.full(row_blocks.shape[:3], -jnp.inf, jnp.float32),
+           jnp.zeros(row_blocks.shape[:3], jnp.float32))
   (running_max, running_sum), _ = jax.lax.scan(add_chunk, start, (weight_chunks, bias_chunks))
-  log_sum_exp = (running_max + jnp.log(running_sum)).reshape(-1)[:rows.shape[0]]
+  log_sum_exp = (running_max + jnp.log(running_sum)).reshape((-1,) + rows.shape[1:2])
+  log_sum_exp = log_sum_exp[:rows.shape[0]]
   # The label's logit directly: one row of W per example instead of a search of the chunks.
   label_logits = jnp.sum(rows * weight[labels], axis=-1) + bias[labels]
-  valid = jnp.arange(rows.shape[0]) < num_rows
-  return jnp.where(valid, log_sum_exp - label_logits, 0.0), log_sum_exp
+  return jnp.where(_valid(rows, num_rows), log_sum_exp - label_logits, 0.0), log_sum_exp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -255,8 +275,8 @@ def _linear_cross_entropy_bwd(chunk_size, row_block, residuals, loss_grads):
   num_classes, features = weight.shape
   weight_chunks, bias_chunks, size = _class_chunks(weight, bias, chunk_size)
   starts = jnp.arange(weight_chunks.shape[0], dtype=jnp.int32) * size
-  valid = jnp.arange(rows.shape[0]) < num_rows
-  num_blocks = _num_blocks(num_rows, row_block)
+  valid = _valid(rows, num_rows)
+  num_blocks = _num_blocks(num_rows, rows, row_block)
   row_blocks = _row_blocks(rows, row_block)
   label_blocks = _row_blocks(labels, row_block)
   grad_blocks = _row_blocks(jnp.where(valid, loss_grads, 0.0), row_block)
@@ -269,12 +289,13 @@ def _linear_cross_entropy_bwd(chunk_size, row_block, residuals, loss_grads):
     def block_grads(i, carry):
       row_grads, weight_grad, bias_grad = carry
       block = row_blocks[i]
-      probs = jnp.exp(block @ chunk_weight.T + chunk_bias - lse_blocks[i][:, None])
-      is_label = label_blocks[i][:, None] == start + jnp.arange(size, dtype=jnp.int32)
-      logit_grads = grad_blocks[i][:, None] * (probs - is_label.astype(jnp.float32))
+      probs = jnp.exp(block @ chunk_weight.T + chunk_bias - lse_blocks[i][..., None])
+      is_label = label_blocks[i][..., None] == start + jnp.arange(size, dtype=jnp.int32)
+      logit_grads = grad_blocks[i][..., None] * (probs - is_label.astype(jnp.float32))
       row_grads = row_grads.at[i].add(logit_grads @ chunk_weight)
-      return (row_grads, weight_grad + logit_grads.T @ block,
-              bias_grad + jnp.sum(logit_grads, axis=0))
+      return (row_grads,
+              weight_grad + jnp.einsum("nsc,nsd->cd", logit_grads, block),
+              bias_grad + jnp.sum(logit_grads, axis=(0, 1)))
 
     zeros = (jnp.zeros((size, features), jnp.float32), jnp.zeros((size,), jnp.float32))
     row_grads, weight_grad, bias_grad = jax.lax.fori_loop(
@@ -283,7 +304,7 @@ def _linear_cross_entropy_bwd(chunk_size, row_block, residuals, loss_grads):
 
   row_grads, (weight_grads, bias_grads) = jax.lax.scan(
       chunk_grads, jnp.zeros_like(row_blocks), (weight_chunks, bias_chunks, starts))
-  row_grads = row_grads.reshape(-1, features)[:rows.shape[0]]
+  row_grads = row_grads.reshape((-1,) + rows.shape[1:])[:rows.shape[0]]
   weight_grads = weight_grads.reshape(-1, features)[:num_classes]
   bias_grads = bias_grads.reshape(-1)[:num_classes]
   return row_grads, weight_grads, bias_grads, None, None
