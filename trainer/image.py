@@ -10,6 +10,7 @@ of devices.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -25,6 +26,7 @@ from maxup_jax import losses
 from maxup_jax import models
 from maxup_jax.maxup import MODES, maxup_loss
 from trainer import checkpointing, input_pipeline, loop
+from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 
 # Per-channel mean and std of the training images in [0, 1] pixel scale.
@@ -37,6 +39,47 @@ DATASET_STATS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("piecewise", "cosine", "constant")
 EVAL_SPLITS = {"imagenet2012": "validation"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+  """What the model, the steps and the schedule need to know of a dataset.
+
+  Attributes:
+    num_classes: label classes.
+    image_shape: (H, W, C) of the images the input pipeline yields.
+    num_train_examples: examples in the training set a run walks through.
+    num_eval_examples: examples in the evaluation split (test, or ImageNet's validation).
+  """
+
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  num_eval_examples: int
+
+
+# The full training splits as the input pipeline yields them (ImageNet as its
+# 224 x 224 crops), for building the steps without reading any data
+# (`trainer.compile_report`); a run uses the facts of the data it loaded.
+PUBLISHED_DATASET_FACTS = {
+    "cifar10": DatasetFacts(10, (32, 32, 3), 50_000, 10_000),
+    "cifar100": DatasetFacts(100, (32, 32, 3), 50_000, 10_000),
+    "mnist": DatasetFacts(10, (28, 28, 1), 60_000, 10_000),
+    "imagenet2012": DatasetFacts(1000, (224, 224, 3), 1_281_167, 50_000),
+}
+
+
+def published_dataset_facts(config) -> DatasetFacts:
+  """`config.dataset`'s published facts, cut to `config.num_train_examples` and
+  `config.num_eval_examples` where set, as the input pipeline cuts them."""
+  facts = PUBLISHED_DATASET_FACTS[config.dataset]
+  if config.num_train_examples:
+    facts = dataclasses.replace(
+        facts, num_train_examples=min(facts.num_train_examples, config.num_train_examples))
+  if config.num_eval_examples:
+    facts = dataclasses.replace(
+        facts, num_eval_examples=min(facts.num_eval_examples, config.num_eval_examples))
+  return facts
 
 
 @flax.struct.dataclass
@@ -340,6 +383,121 @@ def initial_state(model, tx, image_shape, key, replicated) -> TrainState:
   return jax.jit(init, out_shardings=replicated)()
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Everything `config` makes of a run on a mesh, before any data or weights exist.
+
+  Built by `build_steps`; `ImageTask` trains with it and `trainer.compile_report`
+  compiles its steps for a TPU slice from the abstract state and batches.
+
+  Attributes:
+    model: the model in `config.dtype`.
+    selection_model: the model ranking MaxUp's copies (`maxup.selection_dtype`), or None.
+    tx: the optimizer.
+    schedule: the learning-rate schedule.
+    facts: the dataset facts the steps were built for.
+    steps_per_epoch: full global batches per epoch.
+    init_key: the key of the initial weights.
+    train_key: the key every step's key is folded from.
+    abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s carrying their shardings.
+    data_sharding: the batches' sharding (split along 'data').
+    train_steps: m -> jitted `train_step(state, batch, key)` with m copies, for
+      m in {1, maxup.num_copies} (standard augmentation during the MaxUp warm-up);
+      the state is donated.
+    eval_steps: input_gradient (False / True) -> jitted `eval_step(state, batch)`.
+  """
+
+  model: Any
+  selection_model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  facts: DatasetFacts
+  steps_per_epoch: int
+  init_key: jax.Array
+  train_key: jax.Array
+  abstract_state: TrainState
+  data_sharding: jax.sharding.NamedSharding
+  train_steps: dict
+  eval_steps: dict
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.data_sharding.mesh, jax.sharding.PartitionSpec())
+
+  def init_state(self) -> TrainState:
+    """Freshly initialised weights, statistics and optimizer state, replicated."""
+    return initial_state(self.model, self.tx, self.facts.image_shape, self.init_key,
+                         self.replicated)
+
+  def abstract_batch(self, batch_size: int, eval: bool = False) -> dict:
+    """A training (or, with `eval`, an evaluation) batch as sharded `ShapeDtypeStruct`s."""
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding)
+    batch = {"image": spec((batch_size,) + tuple(self.facts.image_shape), jnp.uint8),
+             "label": spec((batch_size,), jnp.int32)}
+    if eval:
+      batch["mask"] = spec((batch_size,), jnp.bool_)
+    return batch
+
+  def abstract_key(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.train_key.shape, self.train_key.dtype,
+                                sharding=self.replicated)
+
+
+def build_model(config, num_classes: int, dtype: str | None = None):
+  """`config.model` for `num_classes`, computing in `dtype` (default `config.dtype`)."""
+  return models.create_model(config.model, num_classes=num_classes,
+                             dtype=DTYPES[dtype or config.dtype], remat=config.remat)
+
+
+def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                facts: DatasetFacts) -> Steps:
+  """The model, optimizer, abstract state and jitted steps `config` trains with on `mesh`.
+
+  Pure: reads no data and computes nothing on device (the weights come from
+  `Steps.init_state`). The state is replicated and batches are split along
+  the mesh's 'data' axis.
+  """
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  steps_per_epoch = input_pipeline.steps_per_epoch(facts.num_train_examples, config.batch_size)
+  model = build_model(config, facts.num_classes)
+  selection_model = None
+  if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
+    selection_model = build_model(config, facts.num_classes, config.maxup.selection_dtype)
+  schedule = make_schedule(config, steps_per_epoch)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  image_shape = tuple(facts.image_shape)
+  abstract_variables = jax.eval_shape(
+      lambda: model.init(init_key, jnp.zeros((1,) + image_shape), train=False))
+  tx = make_optimizer(config, schedule, abstract_variables)
+  abstract_state = jax.eval_shape(
+      lambda: TrainState(step=jnp.zeros((), jnp.int32), params=abstract_variables["params"],
+                         batch_stats=abstract_variables.get("batch_stats", {}),
+                         opt_state=tx.init(abstract_variables["params"])))
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state)
+
+  step_kwargs = dict(
+      model=model, tx=tx, augmentation=make_augmentation(config, facts.num_classes),
+      mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
+      copies_per_pass=config.maxup.copies_per_pass,
+      selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
+  train_steps = {
+      m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
+      for m in {1, config.maxup.num_copies}
+  }
+  mean, std = DATASET_STATS[config.dataset]
+  eval_steps = {
+      gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
+                                          input_gradient=gradient))
+      for gradient in (False, True)
+  }
+  return Steps(model=model, selection_model=selection_model, tx=tx, schedule=schedule,
+               facts=facts, steps_per_epoch=steps_per_epoch, init_key=init_key,
+               train_key=train_key, abstract_state=abstract_state, data_sharding=data_sharding,
+               train_steps=train_steps, eval_steps=eval_steps)
+
+
 class ImageTask(loop.Task):
   """Image classification as `loop.run` drives it: the recipe of `config`."""
 
@@ -349,8 +507,6 @@ class ImageTask(loop.Task):
     mesh = loop.create_mesh(config)
     validate_config(config, mesh.size)
     self.config, self.workdir = config, workdir
-    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     data_dir = config.data_dir or None
     self.train_data = input_pipeline.load_dataset(
@@ -364,47 +520,22 @@ class ImageTask(loop.Task):
     if config.train_eval_examples:
       self.train_eval_data = input_pipeline.load_dataset(
           config.dataset, "train", data_dir, num_examples=config.train_eval_examples)
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(
-        self.train_data.num_examples, config.batch_size)
+    steps = build_steps(config, mesh, DatasetFacts(
+        num_classes=self.train_data.num_classes, image_shape=tuple(self.train_data.image_shape),
+        num_train_examples=self.train_data.num_examples,
+        num_eval_examples=self.test_data.num_examples))
+    self.data_sharding = steps.data_sharding
+    self.steps_per_epoch = steps.steps_per_epoch
     self.total_steps = int(config.num_epochs * self.steps_per_epoch)
     self.warmup_steps = int(config.maxup.warmup_epochs * self.steps_per_epoch)
     self.eval_every = max(1, int(config.eval_every_epochs * self.steps_per_epoch))
-    num_classes = self.train_data.num_classes
-
-    def build_model(dtype):
-      return models.create_model(config.model, num_classes=num_classes, dtype=DTYPES[dtype],
-                                 remat=config.remat)
-
-    model = build_model(config.dtype)
-    selection_model = None
-    if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
-      selection_model = build_model(config.maxup.selection_dtype)
-    self.schedule = make_schedule(config, self.steps_per_epoch)
-    init_key, self.train_key = jax.random.split(jax.random.key(config.seed))
-    image_shape = self.train_data.image_shape
-    abstract_variables = jax.eval_shape(
-        lambda: model.init(init_key, jnp.zeros((1,) + image_shape), train=False))
-    tx = make_optimizer(config, self.schedule, abstract_variables)
-    self.state = initial_state(model, tx, image_shape, init_key, replicated)
+    self.schedule, self.train_key = steps.schedule, steps.train_key
+    self.state = steps.init_state()
     if config.init_checkpoint:
-      self.state = _load_pretrained(self.state, config.init_checkpoint, replicated)
-
-    step_kwargs = dict(
-        model=model, tx=tx, augmentation=make_augmentation(config, num_classes),
-        mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
-        copies_per_pass=config.maxup.copies_per_pass,
-        selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
+      self.state = _load_pretrained(self.state, config.init_checkpoint, steps.replicated)
     # Two compiled steps: standard augmentation during the MaxUp warm-up, then MaxUp.
-    self.step_fns = {
-        m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
-        for m in {1, config.maxup.num_copies}
-    }
-    mean, std = DATASET_STATS[config.dataset]
-    self.eval_fns = {
-        gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
-                                            input_gradient=gradient))
-        for gradient in (False, True)
-    }
+    self.step_fns = steps.train_steps
+    self.eval_fns = steps.eval_steps
     # Saved with every checkpoint and repositioned by the restore.
     self.data_iterator = input_pipeline.train_iterator(
         self.train_data, config.batch_size, seed=config.seed, num_workers=config.input_workers)

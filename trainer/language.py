@@ -461,6 +461,75 @@ def configured_vocab_chunk_size(config) -> int:
   return int(config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE))
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Everything `config` makes of a run on a mesh, before any text or weights exist.
+
+  Built by `build_steps`; `LanguageTask` trains with it and
+  `trainer.compile_report` compiles its steps for a TPU slice.
+
+  Attributes:
+    model: the AWD-LSTM for the corpus's vocabulary.
+    init_key: the key of the initial weights.
+    train_key: the key every step's key is folded from.
+    abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s carrying their shardings.
+    data_sharding: the streams' sharding (split along 'data').
+    train_steps: m -> `step(state, batch, length, key)` with m copies (`make_train_step`),
+      for m in {1, maxup.num_copies}; the state is donated.
+    eval_step: `(params, segments, batch_size) -> (nll_sum, count)` over stacked
+      segments `[N, batch_size, T]`, as validation and test run it.
+  """
+
+  model: awd_lstm.AWDLSTM
+  init_key: jax.Array
+  train_key: jax.Array
+  abstract_state: TrainState
+  data_sharding: jax.sharding.NamedSharding
+  train_steps: dict
+  eval_step: Any
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.data_sharding.mesh, jax.sharding.PartitionSpec())
+
+  def init_state(self, batch_size: int) -> TrainState:
+    """Fresh weights and a zero hidden state of `batch_size` streams, placed as sharded."""
+    shardings = jax.tree.map(lambda s: s.sharding, self.abstract_state)
+    return jax.jit(lambda: initial_train_state(self.model, batch_size, self.init_key),
+                   out_shardings=shardings)()
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+    """A training segment {'inputs', 'targets'} as sharded `ShapeDtypeStruct`s."""
+    spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.data_sharding)
+    return {"inputs": spec, "targets": spec}
+
+
+def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                vocab_size: int) -> Steps:
+  """The model, abstract state and steps `config` trains with on `mesh`, for `vocab_size` words.
+
+  Pure: reads no text and computes nothing on device (the weights come from
+  `Steps.init_state`). Weights are replicated; streams and their hidden
+  state are split along the mesh's 'data' axis.
+  """
+  model = create_model(config, vocab_size)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  abstract_state = jax.eval_shape(
+      lambda: initial_train_state(model, config.batch_size, init_key))
+  shardings = train_state_shardings(abstract_state, mesh)
+  abstract_state = jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      abstract_state, shardings)
+  eval_step = lambda params, segments, batch_size: _evaluate_segments(
+      params, segments, model=model, batch_size=batch_size,
+      vocab_chunk_size=configured_vocab_chunk_size(config))
+  return Steps(
+      model=model, init_key=init_key, train_key=train_key, abstract_state=abstract_state,
+      data_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)),
+      train_steps={m: make_train_step(config, model, m) for m in {1, config.maxup.num_copies}},
+      eval_step=eval_step)
+
+
 # ---------------------------------------------------------------------------
 # The loop.
 
@@ -530,15 +599,15 @@ class LanguageTask(loop.Task):
 
     self.corpus = load_corpus(config)
     self.train_streams = text_data.batchify(self.corpus.train, config.batch_size)
-    self.model = create_model(config, self.corpus.vocab_size)
-    init_key, self.train_key = jax.random.split(jax.random.key(config.seed))
-    init = lambda: initial_train_state(self.model, config.batch_size, init_key)
-    state_shardings = train_state_shardings(jax.eval_shape(init), mesh)
-    self.state = jax.jit(init, out_shardings=state_shardings)()
+    steps = build_steps(config, mesh, self.corpus.vocab_size)
+    self.model, self.train_key = steps.model, steps.train_key
+    self.state = steps.init_state(config.batch_size)
     self.initial_carry = jax.jit(lambda: self.model.initial_carry(config.batch_size),
-                                 out_shardings=state_shardings.carry)()
+                                 out_shardings=jax.tree.map(lambda s: s.sharding,
+                                                            steps.abstract_state.carry))()
     self.progress = Progress()
-    self.step_fn = make_train_step(config, self.model)
+    self.step_fn = steps.train_steps[config.maxup.num_copies]
+    self.eval_step = steps.eval_step
 
     max_epochs = config.num_epochs + config.finetune.num_restarts * config.finetune.num_epochs
     self.history_size = max(config.num_epochs, config.finetune.num_epochs) + 1
@@ -595,10 +664,8 @@ class LanguageTask(loop.Task):
             "phase": self.progress.phase, "num_copies": self.config.maxup.num_copies}
 
   def evaluate(self, params, split: str) -> dict:
-    total, count = jax.device_get(_evaluate_segments(
-        params, self.eval_sets[split], model=self.model,
-        batch_size=self.eval_batch_sizes[split],
-        vocab_chunk_size=configured_vocab_chunk_size(self.config)))
+    total, count = jax.device_get(
+        self.eval_step(params, self.eval_sets[split], self.eval_batch_sizes[split]))
     loss = float(total / count)
     return {"loss": loss, "perplexity": perplexity(loss), "bits_per_token": loss / math.log(2)}
 
