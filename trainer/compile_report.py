@@ -572,7 +572,9 @@ def _language_report(report, config, mesh, chip, include_eval):
       f"{config.finetune.num_restarts} fine-tuning restarts x {config.finetune.num_epochs}; "
       f"NT-ASGD usually ends phases earlier) of {len(segments)} segments (epoch 0's), each "
       f"step's time scaled from the compiled length {seq_len} by its padded length, and a "
-      f"validation pass per epoch; not the final test and dynamic evaluation.")
+      f"validation pass per epoch; not the final test and dynamic evaluation. The model "
+      "computes in float32, whose matmuls run at the bfloat16 peak only at JAX's default "
+      "TPU precision (one bfloat16 pass).")
 
 
 # ---------------------------------------------------------------------------

@@ -503,6 +503,10 @@ class Steps:
     spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.data_sharding)
     return {"inputs": spec, "targets": spec}
 
+  def abstract_key(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.train_key.shape, self.train_key.dtype,
+                                sharding=self.replicated)
+
 
 def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                 vocab_size: int) -> Steps:
