@@ -43,15 +43,29 @@ def shard_axis_like(x: jax.Array, axis: int, axes) -> jax.Array:
 
 
 def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-  """`x[index]` along the batch axis, also when the batch is explicitly sharded.
+  """`x[index]` (rows of `x` at an integer array), also under explicit sharding.
 
-  Rows may live on other devices (a CutMix partner), so in explicit mode the
-  whole of `x` is gathered to every device first and the result is sharded
-  like `index`.
+  Rows may live on other devices (a CutMix partner), so when `x` is
+  explicitly sharded it is first gathered to every device; the result is
+  sharded like `index` (an embedding lookup of sharded tokens in a
+  replicated table gives sharded embeddings).
   """
-  axes = explicit_batch_axes(x)
-  if axes is None:
+  index_spec = explicit_spec(index)
+  if explicit_batch_axes(x) is None and index_spec is None:
     return x[index]
-  replicated = jax.sharding.reshard(x, PartitionSpec())
-  out_spec = PartitionSpec(explicit_batch_axes(index), *([None] * (x.ndim - 1)))
-  return replicated.at[index].get(out_sharding=out_spec)
+  x = jax.sharding.reshard(x, PartitionSpec())
+  index_spec = index_spec or (None,) * index.ndim
+  return x.at[index].get(out_sharding=PartitionSpec(*index_spec, *([None] * (x.ndim - 1))))
+
+
+def explicit_spec(x: jax.Array):
+  """`x`'s partition spec, one entry per axis, if any axis is explicitly sharded; else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  explicit = [axes for axes in spec if axes is not None and all(
+      types[name] == AxisType.Explicit for name in (axes if isinstance(axes, tuple) else (axes,)))]
+  return spec if explicit else None

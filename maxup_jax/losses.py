@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from maxup_jax import _sharding
+
 Array = jax.Array
 
 
@@ -249,13 +251,15 @@ def _log_sum_exp_and_loss(rows, weight, bias, labels, num_rows, chunk_size, row_
     # Blocks past num_rows are never visited: their compute is skipped, not masked.
     return jax.lax.fori_loop(0, num_blocks, add_block, carry), None
 
-  start = (jnp.full(row_blocks.shape[:3], -jnp.inf, jnp.float32),
-           jnp.zeros(row_blocks.shape[:3], jnp.float32))
+  # Built from the rows, so that they are sharded like them (explicit sharding).
+  per_row = row_blocks[..., 0]
+  start = (jnp.full_like(per_row, -jnp.inf), jnp.zeros_like(per_row))
   (running_max, running_sum), _ = jax.lax.scan(add_chunk, start, (weight_chunks, bias_chunks))
   log_sum_exp = (running_max + jnp.log(running_sum)).reshape((-1,) + rows.shape[1:2])
   log_sum_exp = log_sum_exp[:rows.shape[0]]
   # The label's logit directly: one row of W per example instead of a search of the chunks.
-  label_logits = jnp.sum(rows * weight[labels], axis=-1) + bias[labels]
+  label_logits = (jnp.sum(rows * _sharding.take_rows(weight, labels), axis=-1)
+                  + _sharding.take_rows(bias, labels))
   return jnp.where(_valid(rows, num_rows), log_sum_exp - label_logits, 0.0), log_sum_exp
 
 
@@ -283,6 +287,9 @@ def _linear_cross_entropy_bwd(chunk_size, row_block, residuals, loss_grads):
   # +inf: padding rows get probability 0 (not exp(b - 0), which may overflow).
   lse_blocks = _row_blocks(jnp.where(valid, log_sum_exp, jnp.inf), row_block, fill=jnp.inf)
 
+  # Under explicit sharding the weight gradient sums over sharded rows: say it is replicated.
+  replicated = jax.sharding.PartitionSpec() if _sharding.explicit_spec(rows) else None
+
   def chunk_grads(row_grads, chunk):
     chunk_weight, chunk_bias, start = chunk
 
@@ -294,7 +301,8 @@ def _linear_cross_entropy_bwd(chunk_size, row_block, residuals, loss_grads):
       logit_grads = grad_blocks[i][..., None] * (probs - is_label.astype(jnp.float32))
       row_grads = row_grads.at[i].add(logit_grads @ chunk_weight)
       return (row_grads,
-              weight_grad + jnp.einsum("nsc,nsd->cd", logit_grads, block),
+              weight_grad + jnp.einsum("nsc,nsd->cd", logit_grads, block,
+                                       out_sharding=replicated),
               bias_grad + jnp.sum(logit_grads, axis=(0, 1)))
 
     zeros = (jnp.zeros((size, features), jnp.float32), jnp.zeros((size,), jnp.float32))

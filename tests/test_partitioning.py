@@ -243,10 +243,11 @@ def _image_variables(model, tx):
               opt_state=tx.init(variables["params"]))
 
 
-@pytest.mark.parametrize("mode", ["two_pass", "single_pass"])
-def test_image_train_step_splits(mode):
+@pytest.mark.parametrize("mode,explicit", [("two_pass", False), ("single_pass", False),
+                                           ("two_pass", True)])
+def test_image_train_step_splits(mode, explicit):
   step, args = image_step(4, mode)
-  assert_split(per_device_costs(step, args, {1}))
+  assert_split(per_device_costs(step, args, {1}, explicit))
 
 
 # Enough streams that the work per stream, which splits, outweighs the
@@ -271,15 +272,15 @@ def language_step(num_copies, mode):
 
 
 @functools.cache
-def language_costs(num_copies, mode):
+def language_costs(num_copies, mode, explicit=False):
   step, (state, batch, key) = language_step(num_copies, mode)
   costs = []
   for num_devices in (1, NUM_DEVICES):
-    mesh = mesh_of(num_devices)
+    mesh = mesh_of(num_devices, explicit)
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     costs.append(compiled_cost(step, (state, batch, key), (
         language.train_state_shardings(state, mesh), jax.tree.map(lambda _: data, batch),
-        replicated)))
+        replicated), explicit))
   return costs
 
 
@@ -288,15 +289,16 @@ def ideal_ratio(costs):
   return flops_4 / (flops_1 / NUM_DEVICES)
 
 
-@pytest.mark.parametrize("mode", ["two_pass", "single_pass"])
-def test_language_train_step_splits(mode):
+@pytest.mark.parametrize("mode,explicit", [("two_pass", False), ("single_pass", False),
+                                           ("two_pass", True)])
+def test_language_train_step_splits(mode, explicit):
   """Each device does a quarter of the work, and MaxUp adds none that devices repeat.
 
   Only the per-parameter work (weight dropout of the recurrent matrices, the
   update, the average) is repeated by every device, the weights being
   replicated: a few percent here.
   """
-  standard = ideal_ratio(language_costs(1, "two_pass"))
-  maxup = ideal_ratio(language_costs(2, mode))
+  standard = ideal_ratio(language_costs(1, "two_pass", explicit))
+  maxup = ideal_ratio(language_costs(2, mode, explicit))
   assert maxup <= SLACK, (maxup, standard)
   assert maxup <= SLACK * standard, (maxup, standard)

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maxup_jax import losses
+from maxup_jax import _sharding, losses
 
 Array = jax.Array
 # One (h, c) pair per layer, each [B, hidden_l].
@@ -239,7 +239,7 @@ class AWDLSTM(nn.Module):
     sizes = self.layer_sizes()
     # AWD-LSTM's init: U(-0.1, 0.1) embedding (and untied decoder), zero decoder bias.
     embedding = self.param("embedding", _uniform(0.1), (self.vocab_size, self.embed_dim))
-    x = embedding[tokens]
+    x = _sharding.take_rows(embedding, tokens)
 
     train = dropout_keys is not None
     if train:
