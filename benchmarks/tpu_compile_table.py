@@ -128,8 +128,8 @@ def table_lines() -> list[str]:
     peak = max(p["peak_bytes"] for p in programs.values())
     fits = "yes" if r["fits"] else "**no**"
     if not r["fits"]:
-      fixes = [d for d, p in r["fit_options"] if p["fits"]]
-      tried = ", ".join(f"{d}: {'fits' if p['fits'] else 'no'}" for d, p in r["fit_options"])
+      tried = ", ".join(f"{d}: {'fits' if p['fits'] else 'no'}" for d, p in r["fit_options"]
+                        if p is not None)
       fits += f" ({tried})" if tried else ""
     peak_text = f"{peak / 2**30:.2f} / {r['hbm_bytes'] / 2**30:.0f}" if peak else "?"
     if not biggest["fits"] and biggest["error"]:

@@ -133,10 +133,10 @@ def test_a_step_too_big_for_the_chip_is_reported_as_not_fitting():
   args = (steps.abstract_state, steps.abstract_batch(config.batch_size), steps.abstract_key())
   chip = compile_report.CHIPS["v5e"]
   program = compile_report.compile_program("big", steps.train_steps[1], args, chip, 1)
-  assert not program.fits
-  assert program.peak_bytes > chip.hbm_bytes or program.error
+  assert not program.fits and "RESOURCE_EXHAUSTED" in program.error
+  assert program.peak_bytes > chip.hbm_bytes  # What the compiler says it needed.
   lines = "\n".join(compile_report._program_lines(program, chip.hbm_bytes))
-  assert "does NOT fit" in lines
+  assert "does NOT fit" in lines and "needs" in lines
 
 
 def test_language_presets_keep_the_streams():

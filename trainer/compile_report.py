@@ -268,6 +268,7 @@ class Program:
   collectives: dict = dataclasses.field(default_factory=dict)
   roofline_seconds: float = 0.0
   bound: str = ""
+  batch_size: int = 0  # Set for a fit option that changes the batch.
 
 
 def compile_program(name: str, fn: Callable, args: tuple, chip: Chip, num_devices: int,
@@ -288,7 +289,10 @@ def compile_program(name: str, fn: Callable, args: tuple, chip: Chip, num_device
       raise
     program = Program(name, fits=False, compile_seconds=time.time() - started,
                       error=message.splitlines()[0][:300])
-    used = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    # "Used 45.68G of 15.75G hbm" or "the total memory required for HLO temporaries
+    # (58.77G) exceeds available HBM (15.75G)".
+    used = (re.search(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", message)
+            or re.search(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM", message))
     if used:
       scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
       program.peak_bytes = float(used.group(1)) * scale[used.group(2)]
@@ -442,10 +446,31 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
   if try_fit_options and not biggest.fits:
     report.fit_options = _try_fit_options(config, mesh, chip, facts, m)
 
-  # Estimates: the MaxUp warm-up runs standard steps.
+  if "certify_batch" in report.programs:
+    images = math.ceil(facts.num_eval_examples / CERTIFY_SKIP)
+    batches = math.ceil(CERTIFY_N0 / CERTIFY_BATCH) + math.ceil(CERTIFY_N / CERTIFY_BATCH)
+    seconds = images * batches * report.programs["certify_batch"].roofline_seconds
+    report.certification_chip_hours = seconds * mesh.size / 3600
+    report.notes.append(
+        f"Certification (certify.py's defaults, the paper's setting): every {CERTIFY_SKIP}th "
+        f"test image ({images}), n0={CERTIFY_N0} + n={CERTIFY_N} noise samples in batches of "
+        f"{CERTIFY_BATCH} ({batches} batches per image).")
+
+  # Estimates: the MaxUp warm-up runs standard steps. A step that does not fit is
+  # estimated with the first option that makes it fit, if any.
   spe = steps.steps_per_epoch
   t_max = biggest.roofline_seconds
   t_std = report.programs["train_standard"].roofline_seconds
+  fitting = [(d, p) for d, p in report.fit_options if p is not None and p.fits]
+  if not biggest.fits and fitting:
+    option = fitting[0][1]
+    # A smaller batch: the config's batch in several such steps.
+    t_max = option.roofline_seconds * config.batch_size / (option.batch_size or config.batch_size)
+    t_std = t_std or t_max
+    report.notes.append(f"Time estimates are those of the step with {fitting[0][0]}.")
+  if not t_max or not t_std:
+    report.notes.append("No time estimate: a training step does not fit the chip.")
+    return
   t_eval = report.programs["eval"].roofline_seconds if "eval" in report.programs else 0.0
   eval_batches = math.ceil(facts.num_eval_examples / config.eval_batch_size)
   evals_per_epoch = 1.0 / config.eval_every_epochs
@@ -462,15 +487,6 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
       f"images / batch {config.batch_size}), the first {warmup:g} with standard steps, and "
       f"an evaluation of {facts.num_eval_examples} images every {config.eval_every_epochs:g} "
       "epoch(s); not the input pipeline (ImageNet JPEG decoding is CPU work).")
-  if "certify_batch" in report.programs:
-    images = math.ceil(facts.num_eval_examples / CERTIFY_SKIP)
-    batches = math.ceil(CERTIFY_N0 / CERTIFY_BATCH) + math.ceil(CERTIFY_N / CERTIFY_BATCH)
-    seconds = images * batches * report.programs["certify_batch"].roofline_seconds
-    report.certification_chip_hours = seconds * mesh.size / 3600
-    report.notes.append(
-        f"Certification (certify.py's defaults, the paper's setting): every {CERTIFY_SKIP}th "
-        f"test image ({images}), n0={CERTIFY_N0} + n={CERTIFY_N} noise samples in batches of "
-        f"{CERTIFY_BATCH} ({batches} batches per image).")
 
 
 CERTIFY_N0, CERTIFY_N, CERTIFY_BATCH, CERTIFY_SKIP = 100, 100_000, 1000, 20
@@ -511,8 +527,14 @@ def _try_fit_options(config, mesh, chip, facts, num_copies) -> list:
   if config.maxup.mode == "two_pass" and config.dtype != "bfloat16" and (
       config.maxup.selection_dtype != "bfloat16"):
     candidates.append(("maxup.selection_dtype=bfloat16", {"maxup.selection_dtype": "bfloat16"}))
+  else:
+    tries.append(("maxup.selection_dtype=bfloat16: not applicable (the step already computes "
+                  "in bfloat16, or selects in one pass)", None))
   if config.maxup.copies_per_pass != 1:
     candidates.append(("maxup.copies_per_pass=1", {"maxup.copies_per_pass": 1}))
+  else:
+    tries.append(("maxup.copies_per_pass: already 1, the least memory (one copy per pass)",
+                  None))
   for divisor in (2, 4):
     if per_device // divisor >= 1:
       candidates.append((f"per-device batch {per_device // divisor} (remat=True)",
@@ -525,6 +547,7 @@ def _try_fit_options(config, mesh, chip, facts, num_copies) -> list:
     steps = image.build_steps(trial, mesh, facts)
     args = (steps.abstract_state, steps.abstract_batch(trial.batch_size), steps.abstract_key())
     program = compile_program(description, steps.train_steps[num_copies], args, chip, mesh.size)
+    program.batch_size = trial.batch_size
     tries.append((description, program))
     if program.fits:
       break
@@ -610,6 +633,9 @@ def format_report(report: Report) -> str:
   if report.fit_options:
     lines.append("Options tried for the step that does not fit:")
     for description, program in report.fit_options:
+      if program is None:
+        lines.append(f"  {description}")
+        continue
       status = (f"fits, peak {_gib(program.peak_bytes)}" if program.fits else
                 f"does not fit ({_gib(program.peak_bytes) if program.peak_bytes else '?'})")
       lines.append(f"  {description}: {status}")
@@ -617,12 +643,15 @@ def format_report(report: Report) -> str:
   if report.flops_ratio:
     lines.append(f"MaxUp / standard step FLOPs: {report.flops_ratio:.2f} "
                  f"(two-pass ideal 1 + m/3 = {report.ideal_ratio:.2f})")
-  lines += [
+  if not report.step_seconds:
+    lines.append("Estimated step: none (a training step does not fit)")
+  else:
+    lines += [
       f"Estimated step: {_seconds(report.step_seconds)}; {report.units_per_second:,.0f} "
       f"{report.unit}/s on the slice",
       f"Estimated epoch: {_seconds(report.epoch_seconds)}; recipe ({report.recipe_epochs:g} "
       f"epochs): {_seconds(report.recipe_seconds)} = {report.recipe_chip_hours:,.3g} chip-hours",
-  ]
+    ]
   if report.certification_chip_hours:
     lines.append(f"Estimated certification: {report.certification_chip_hours:,.3g} chip-hours")
   lines.append("")
@@ -637,7 +666,7 @@ def _program_lines(p: Program, hbm: float) -> list[str]:
   if p.error:
     need = f", needs {_gib(p.peak_bytes)}" if p.peak_bytes else ""
     return [head, f"    does NOT fit: the compiler ran out of HBM{need} of {_gib(hbm)} "
-            f"({p.error[:160]})"]
+            f"({p.error.split(' exceeds ')[0][:200]})"]
   coll = ", ".join(f"{op} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
                    for op, v in p.collectives.items()) or "none"
   compiler = (f"compiler's estimate {_seconds(p.compiler_seconds)} (loop bodies once)"
