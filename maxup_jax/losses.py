@@ -137,6 +137,13 @@ def linear_softmax_cross_entropy(inputs: Array, weight: Array, bias: Array, labe
   language model's `[B, T, vocabulary]` output); for a handful of classes
   use `softmax_cross_entropy`.
 
+  Blocks are cut along the first axis only; the other leading axes stay
+  whole in every block (`[T, B, D]` is walked a few time steps at a time,
+  all B streams together), so when the inputs are sharded along one of
+  them, e.g. a language model's streams over devices under `jax.jit`, every
+  device computes the logits of its own rows only. A 2-D `[N, D]` input is
+  walked in blocks of rows, which a partitioner cannot split.
+
   Args:
     inputs: float32 `[..., D]` features (the last hidden layer).
     weight: `[K, D]` output weights, one row per class (a tied embedding
@@ -148,12 +155,6 @@ def linear_softmax_cross_entropy(inputs: Array, weight: Array, bias: Array, labe
       get loss 0 and zero gradient, and row blocks wholly past n are skipped
       (e.g. the padded time steps of a time-major `[T, B, D]` segment).
 
-  Blocks are cut along the first axis only; the other leading axes stay
-  whole in every block (`[T, B, D]` is walked a few time steps at a time,
-  all B streams together), so when the inputs are sharded along one of
-  them, e.g. a language model's streams over devices under `jax.jit`, every
-  device computes the logits of its own rows only. A 2-D `[N, D]` input is
-  walked in blocks of rows, which a partitioner cannot split.
     chunk_size: the most classes per chunk (for `row_block_size` rows or
       more), a Python int >= 1.
     row_block_size: rows per block, a Python int >= 1.
