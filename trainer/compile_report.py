@@ -132,37 +132,47 @@ def topology_mesh(topology: str, megacore: bool = False) -> jax.sharding.Mesh:
 # One compiled program.
 
 
-def loop_flops(fn: Callable, *args) -> tuple[float, float]:
-  """(FLOPs counting every scan body once, FLOPs counting it trip-count times) of `fn(*args)`.
+def loop_flops(fn: Callable, *args) -> tuple[float, float, float]:
+  """FLOPs of `fn(*args)` counting every scan body once, and trip-count times; and the
+  FLOPs inside `while` loops (counted once in both: their trip count is known at run time only).
 
   Only matmuls (`dot_general`) and convolutions, the FLOPs that matter for a
-  roofline, counted on the jaxpr; the difference is what a loop-blind cost
-  analysis misses. `while` loops (unknown trip count) count once in both.
+  roofline, counted on the jaxpr; the first two differ by what a loop-blind
+  cost analysis misses.
   """
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return _jaxpr_flops(jaxpr.jaxpr, False), _jaxpr_flops(jaxpr.jaxpr, True)
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  once, _ = _jaxpr_flops(jaxpr, False)
+  repeated, in_while = _jaxpr_flops(jaxpr, True)
+  return once, repeated, in_while
 
 
-def _jaxpr_flops(jaxpr, repeat_loops: bool) -> float:
-  total = 0.0
+def _jaxpr_flops(jaxpr, repeat_loops: bool, in_while: bool = False) -> tuple[float, float]:
+  """(FLOPs, of which inside `while` loops) of a jaxpr."""
+  total = inside = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    flops = 0.0
     if name == "dot_general":
       (contracting, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
     elif name == "conv_general_dilated":
       rhs = eqn.invars[1].aval.shape
       spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
       per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
-    times = eqn.params["length"] if name == "scan" and repeat_loops else 1
+      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    total += flops
+    inside += flops if in_while else 0.0
     if name == "cond":
-      total += max(_jaxpr_flops(b.jaxpr, repeat_loops) for b in eqn.params["branches"])
+      branches = [_jaxpr_flops(b.jaxpr, repeat_loops, in_while) for b in eqn.params["branches"]]
+      best = max(branches)
+      total, inside = total + best[0], inside + best[1]
       continue
+    times = eqn.params["length"] if name == "scan" and repeat_loops else 1
     for sub in jex_core.jaxprs_in_params(eqn.params):
-      total += times * _jaxpr_flops(sub, repeat_loops)
-  return total
+      sub_total, sub_inside = _jaxpr_flops(sub, repeat_loops, in_while or name == "while")
+      total, inside = total + times * sub_total, inside + times * sub_inside
+  return total, inside
 
 
 def _lower(fn, args):
@@ -262,6 +272,10 @@ class Program:
   compiled_flops: float = 0.0
   compiled_hbm_bytes: float = 0.0
   loop_flops_added: float = 0.0
+  # FLOPs per chip inside `while` loops whose trip count only the run knows (e.g. the
+  # chunked cross-entropy's row blocks), counted once: `flops` undercounts by
+  # (trips - 1) x these.
+  while_loop_flops: float = 0.0
   flops: float = 0.0
   hbm_bytes: float = 0.0
   compiler_seconds: float = 0.0  # the compiler's own estimate, loop bodies once
@@ -301,7 +315,7 @@ def compile_program(name: str, fn: Callable, args: tuple, chip: Chip, num_device
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
-  once, repeated = loop_flops(fn, *args)
+  once, repeated, in_while = loop_flops(fn, *args)
   program = Program(name, fits=True, compile_seconds=seconds)
   program.argument_bytes = memory.argument_size_in_bytes
   program.output_bytes = memory.output_size_in_bytes
@@ -314,6 +328,7 @@ def compile_program(name: str, fn: Callable, args: tuple, chip: Chip, num_device
   program.compiled_flops = float(cost.get("flops", 0.0))
   program.compiled_hbm_bytes = float(cost.get("bytes accessed", 0.0))
   program.loop_flops_added = (repeated - once) / num_devices
+  program.while_loop_flops = in_while / num_devices
   program.flops = program.compiled_flops + program.loop_flops_added
   scale = program.flops / program.compiled_flops if program.compiled_flops else 1.0
   program.hbm_bytes = program.compiled_hbm_bytes * scale
@@ -679,7 +694,9 @@ def _program_lines(p: Program, hbm: float) -> list[str]:
       f"peak {_gib(p.peak_bytes)} of {_gib(hbm)}: {'fits' if p.fits else 'does NOT fit'}",
       f"    FLOPs: {p.flops / 1e12:.4g} TFLOP ({p.compiled_flops / 1e12:.4g} counted by the "
       f"compiler + {p.loop_flops_added / 1e12:.4g} repeated by loops); HBM traffic "
-      f"{_gib(p.hbm_bytes)}",
+      f"{_gib(p.hbm_bytes)}" + (
+          f"; a lower bound: {p.while_loop_flops / 1e12:.4g} TFLOP in loops of run-time "
+          "length are counted once" if p.while_loop_flops else ""),
       f"    collectives per step: {coll}",
       f"    roofline {_seconds(p.roofline_seconds)} ({p.bound}-bound); {compiler}",
   ]
