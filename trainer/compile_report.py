@@ -463,13 +463,15 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
 
   if "certify_batch" in report.programs:
     images = math.ceil(facts.num_eval_examples / CERTIFY_SKIP)
-    batches = math.ceil(CERTIFY_N0 / CERTIFY_BATCH) + math.ceil(CERTIFY_N / CERTIFY_BATCH)
+    size = certify_batch_size(mesh.size)
+    batches = math.ceil(CERTIFY_N0 / size) + math.ceil(CERTIFY_N / size)
     seconds = images * batches * report.programs["certify_batch"].roofline_seconds
     report.certification_chip_hours = seconds * mesh.size / 3600
     report.notes.append(
         f"Certification (certify.py's defaults, the paper's setting): every {CERTIFY_SKIP}th "
         f"test image ({images}), n0={CERTIFY_N0} + n={CERTIFY_N} noise samples in batches of "
-        f"{CERTIFY_BATCH} ({batches} batches per image).")
+        f"{size} (certify.py's 1,000, rounded to a multiple of the devices; {batches} "
+        "batches per image).")
 
   # Estimates: the MaxUp warm-up runs standard steps. A step that does not fit is
   # estimated with the first option that makes it fit, if any.
@@ -507,6 +509,11 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
 CERTIFY_N0, CERTIFY_N, CERTIFY_BATCH, CERTIFY_SKIP = 100, 100_000, 1000, 20
 
 
+def certify_batch_size(num_devices: int) -> int:
+  """certify.py's 1,000 noise samples per batch, rounded up to split evenly over the devices."""
+  return -(-CERTIFY_BATCH // num_devices) * num_devices
+
+
 def _smoothing_program(config, steps, mesh, chip) -> Program:
   """One batch of randomized-smoothing noise samples (`smoothing.NoiseCounter.step`).
 
@@ -520,7 +527,8 @@ def _smoothing_program(config, steps, mesh, chip) -> Program:
   def batch(variables, counts, x, key, batch_index, num_samples, sigma):
     classify = lambda images: model.apply(variables, augment_lib.normalize(images, mean, std),
                                           train=False)
-    counter = smoothing.NoiseCounter(classify, facts.num_classes, CERTIFY_BATCH, sharding=mesh)
+    counter = smoothing.NoiseCounter(classify, facts.num_classes,
+                                     certify_batch_size(mesh.size), sharding=mesh)
     return counter.step(counts, x, key, batch_index, num_samples, sigma)
 
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
