@@ -777,37 +777,20 @@ def test_input_state_round_trips_through_checkpoints(tmp_path):
   manager.close()
 
 
-def test_checkpoints_without_input_state_still_restore(tmp_path):
-  # The layout written before the input state was saved: one item, 'default'.
-  legacy = ocp.CheckpointManager(
-      tmp_path / 'checkpoints', options=ocp.CheckpointManagerOptions(create=True)
-  )
-  legacy.save(6, args=ocp.args.StandardSave(_train_state(6)))
-  legacy.wait_until_finished()
-  legacy.close()
-  assert (tmp_path / 'checkpoints' / '6' / 'default').is_dir()
-  _assert_same_state(checkpointing.load_arrays(str(tmp_path)), _train_state(6))
-
+def test_a_checkpoint_without_input_state_positions_the_iterator_at_its_step(tmp_path):
   dataset = _index_dataset(50)
-  reference = list(itertools.islice(_train(dataset, 10, seed=0), 8))
+  reference = list(itertools.islice(_train(dataset, 10, seed=0), 9))
   manager = checkpointing.create_manager(str(tmp_path))
-  batches = _train(dataset, 10, seed=0)
-  restored = checkpointing.restore_latest(manager, _train_state(0), batches)
-  _assert_same_state(restored, _train_state(6))
-  # The input order is a function of the step: the iterator continues there.
-  assert batches.step == 6
-  _assert_same_batches([next(batches)], reference[6:7])
-
-  # The run goes on in the new layout, in the same folder; both layouts load.
-  checkpointing.save(manager, 7, _train_state(7), batches)
+  checkpointing.save(manager, 7, _train_state(7), _train(dataset, 10, seed=0))
   checkpointing.save(manager, 8, _train_state(8))  # Without an iterator.
   manager.wait_until_finished()
   assert set(os.listdir(tmp_path / 'checkpoints' / '7')) >= {'state', 'data_iterator'}
-  _assert_same_state(checkpointing.load_arrays(str(tmp_path), step=6), _train_state(6))
   _assert_same_state(checkpointing.load_arrays(str(tmp_path), step=7), _train_state(7))
-  _assert_same_state(checkpointing.restore_latest(manager, _train_state(0)), _train_state(8))
-  # A checkpoint saved without an iterator positions one at its step.
+  _assert_same_state(checkpointing.load_arrays(str(tmp_path)), _train_state(8))
   batches = _train(dataset, 10, seed=0)
-  checkpointing.restore_latest(manager, _train_state(0), batches)
+  _assert_same_state(checkpointing.restore_latest(manager, _train_state(0), batches),
+                     _train_state(8))
+  # The input order is a function of the step: the iterator continues there.
   assert batches.step == 8
+  _assert_same_batches([next(batches)], reference[8:9])
   manager.close()

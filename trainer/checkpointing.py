@@ -8,10 +8,9 @@ A checkpoint of step s holds the items
                   as one small JSON file per process,
                   `process_<index>-of-<count>.json`.
 
-Checkpoints written before the input state was saved hold a single item,
-`default` (the training state). They still restore, and `load_arrays` reads
-both layouts. Restoring the state at step s and the input iterator continues
-exactly where an uninterrupted run would be.
+Restoring the state at step s and the input iterator continues exactly
+where an uninterrupted run would be; a checkpoint saved without an input
+state positions the iterator at its step.
 """
 
 from __future__ import annotations
@@ -30,17 +29,13 @@ CHECKPOINT_DIR = "checkpoints"
 # Item names of a checkpoint.
 STATE_ITEM = "state"
 DATA_ITERATOR_ITEM = "data_iterator"
-# The single item of checkpoints written before the input state was saved
-# (orbax's name for an unnamed item).
-LEGACY_ITEM = "default"
 
 
 def create_manager(workdir: str, *, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
   """A manager of `workdir/checkpoints` keeping the newest `max_to_keep` checkpoints."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   # Named items from the start: orbax otherwise fixes a manager's layout at
-  # its first restore, and restoring a legacy single-item checkpoint would
-  # leave it unable to save named items.
+  # its first save or restore.
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
       item_names=(STATE_ITEM, DATA_ITERATOR_ITEM))
@@ -98,15 +93,6 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
   # The manager's folder may be remote (epath), not only a local path.
   step_dir = manager.directory / str(step)
   abstract = _abstract(state)
-  if (step_dir / LEGACY_ITEM).is_dir():
-    # The layout of checkpoints written before the input state was saved. A
-    # separate checkpointer restores it, leaving the manager's own layout alone.
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(step_dir / LEGACY_ITEM, abstract)
-    if data_iterator is not None:
-      _seek(data_iterator, step, f"checkpoint {step_dir} holds no input state")
-    return restored
-
   iterator_dir = step_dir / DATA_ITERATOR_ITEM
   items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
   if data_iterator is not None:
@@ -166,8 +152,7 @@ def load_arrays(directory: str, step: int | None = None) -> Any:
   """A checkpoint's training state on the first local device, whatever topology saved it.
 
   For reading another run's results (fine-tuning, certification, analysis)
-  without rebuilding its training state. Reads both layouts: the `state`
-  item, or the single `default` item of older checkpoints.
+  without rebuilding its training state.
 
   Args:
     directory: a run's workdir or its `checkpoints` folder.
@@ -182,14 +167,11 @@ def load_arrays(directory: str, step: int | None = None) -> Any:
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; it has {steps}.")
   step_dir = os.path.join(os.path.abspath(directory), str(step))
-  for name in (STATE_ITEM, LEGACY_ITEM):
-    item = os.path.join(step_dir, name)
-    if os.path.isdir(item):
-      break
-  else:
+  item = os.path.join(step_dir, STATE_ITEM)
+  if not os.path.isdir(item):
     raise FileNotFoundError(
-        f"checkpoint {step_dir!r} has neither a {STATE_ITEM!r} nor a {LEGACY_ITEM!r} item; "
-        f"it has {sorted(_listdir(step_dir))}.")
+        f"checkpoint {step_dir!r} has no {STATE_ITEM!r} item; it has "
+        f"{sorted(_listdir(step_dir))}.")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(item)
   tree = getattr(metadata, "item_metadata", metadata)

@@ -411,11 +411,6 @@ def regularised_loss(nll: Array, output: LMOutput, length: Array | int, *,
   return loss, nll
 
 
-def token_nll_sum(logits: Array, targets: Array, length: Array | int) -> tuple[Array, Array]:
-  """Summed negative log-likelihood and token count of the real steps of a `[B, T]` segment."""
-  return masked_nll_sum(token_nll(logits, targets), length)
-
-
 def masked_nll_sum(nll: Array, length: Array | int) -> tuple[Array, Array]:
   """(sum of the token NLL `[B, T]` over the first `length` steps, number of those tokens)."""
   valid = (jnp.arange(nll.shape[1]) < length).astype(jnp.float32)
