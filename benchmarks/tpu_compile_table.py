@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +193,8 @@ def main():
   parser.add_argument("--reverse", action="store_true",
                       help="Least telling configs first (a second run beside a first).")
   args = parser.parse_args()
+  # A SIGTERM ends the current compilation and releases its claim.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
   if not args.table:
     for i in ORDER[::-1] if args.reverse else ORDER:
       _, preset, base, arg = CONFIGS[i]
