@@ -16,17 +16,9 @@ and prints the table. Running the same command again continues an
 interrupted certification from the last finished image.
 """
 
-import importlib.util
-import sys
+from trainer.stack import require_training_stack
 
-# The library alone (`pip install maxup-jax`) does not bring the training stack.
-_MISSING = [module for module in ("absl", "ml_collections", "tensorflow_datasets", "array_record",
-                                  "grain", "PIL", "orbax", "etils", "tensorboardX", "matplotlib",
-                                  "tqdm") if importlib.util.find_spec(module) is None]
-if _MISSING:
-  sys.exit(f"certify.py needs the training stack, which is not installed (missing: "
-           f"{', '.join(_MISSING)}). Install it with: pip install \"maxup-jax[train]\" "
-           "(in a checkout, ./make_venv.sh installs it into .venv).")
+require_training_stack("certify.py")
 
 from absl import app, flags, logging
 

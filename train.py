@@ -18,17 +18,11 @@ On a TPU pod or a SLURM cluster every process runs this same command with
 --multihost (or with the explicit --coordinator_address/--num_processes/--process_id).
 """
 
-import importlib.util
 import sys
 
-# The library alone (`pip install maxup-jax`) does not bring the training stack.
-_MISSING = [module for module in ("absl", "ml_collections", "tensorflow_datasets", "array_record",
-                                  "grain", "PIL", "orbax", "etils", "tensorboardX", "matplotlib",
-                                  "tqdm") if importlib.util.find_spec(module) is None]
-if _MISSING:
-  sys.exit(f"train.py needs the training stack, which is not installed (missing: "
-           f"{', '.join(_MISSING)}). Install it with: pip install \"maxup-jax[train]\" "
-           "(in a checkout, ./make_venv.sh installs it into .venv).")
+from trainer.stack import require_training_stack
+
+require_training_stack("train.py")
 
 import jax
 from absl import app, flags, logging
