@@ -21,16 +21,23 @@ def explicit_batch_axes(x: jax.Array):
   None in auto mode, outside any mesh, for a replicated batch axis, or for
   a 0-d array.
   """
+  axes = _explicit_axes_per_dim(x)
+  return axes[0] if axes else None
+
+
+def _explicit_axes_per_dim(x: jax.Array) -> tuple:
+  """Per axis of `x`: the mesh axes it is split over if they are all explicit, else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty or not len(sharding.spec):
-    return None
-  axes = sharding.spec[0]
-  if axes is None:
-    return None
-  names = axes if isinstance(axes, tuple) else (axes,)
+  if mesh is None or mesh.empty:
+    return (None,) * x.ndim
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-  return axes if all(types[name] == AxisType.Explicit for name in names) else None
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  return tuple(
+      axes if axes is not None and all(
+          types[name] == AxisType.Explicit for name in (axes if isinstance(axes, tuple) else (axes,)))
+      else None
+      for axes in spec)
 
 
 def shard_axis_like(x: jax.Array, axis: int, axes) -> jax.Array:
@@ -61,11 +68,6 @@ def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 def explicit_spec(x: jax.Array):
   """`x`'s partition spec, one entry per axis, if any axis is explicitly sharded; else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty:
+  if not any(_explicit_axes_per_dim(x)):
     return None
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  explicit = [axes for axes in spec if axes is not None and all(
-      types[name] == AxisType.Explicit for name in (axes if isinstance(axes, tuple) else (axes,)))]
-  return spec if explicit else None
+  return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
