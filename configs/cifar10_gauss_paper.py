@@ -20,7 +20,7 @@ The test top-1 the trainer logs is the base classifier's on clean images;
 the smoothed classifier's accuracy is the certified accuracy at radius 0.
 """
 
-from configs import default
+from configs import image_base
 
 SIGMAS = (0.12, 0.25, 0.5, 1.0)
 NUM_COPIES = (1, 5, 25, 50, 100, 150)  # 1 = Gaussian augmentation (Cohen et al.)
@@ -44,7 +44,7 @@ def get_config(arg: str = "0.25,5"):
     raise ValueError(f"M={parts[1]!r} in {arg!r}; valid: {list(NUM_COPIES)} "
                      "(1 = Gaussian augmentation baseline)")
 
-  config = default.get_config()
+  config = image_base.get_config()
   config.dataset = "cifar10"
   config.model = "resnet110"
   config.batch_size = 256

@@ -5,11 +5,11 @@ with standard augmentation before MaxUp (m=4) starts. Test accuracy is on the
 full 10,000-image test set.
 """
 
-from configs import default
+from configs import image_base
 
 
 def get_config():
-  config = default.get_config()
+  config = image_base.get_config()
   config.model = "resnet20"
   config.num_train_examples = 10_000
   config.batch_size = 128

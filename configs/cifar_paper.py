@@ -10,7 +10,7 @@ standard augmentation before MaxUp. lr 0.1, divided by 10 after epochs 100
 and 150 (ResNets) or after 60, 120 and 180 (WRN, as Zagoruyko & Komodakis).
 """
 
-from configs import default
+from configs import image_base
 
 DATASETS = ("cifar10", "cifar100")
 MODELS = ("resnet110", "preact_resnet110", "wrn28_10")
@@ -27,7 +27,7 @@ def get_config(arg: str = "cifar10,resnet110,maxup"):
     if value not in valid:
       raise ValueError(f"{what}={value!r} in {arg!r}; valid: {list(valid)}")
 
-  config = default.get_config()
+  config = image_base.get_config()
   config.dataset = dataset
   config.model = model
   config.augment.cutout_length = 16 if dataset == "cifar10" else 8

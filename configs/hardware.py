@@ -66,7 +66,7 @@ def get_config(arg: str = "gpu8"):
   spec = PRESETS[preset]
   config.expected_device_count = spec.devices
   config.preset = preset
-  if config.get("task", "image") == "language":
+  if config.task == "language":
     if spec.per_device_batch is not None:
       raise ValueError(f"PRESET={preset!r} fixes a per-device batch for image models; the "
                        "language models' presets keep their streams: "

@@ -9,7 +9,7 @@ random-resized 224x224 crops and flips, no MaxUp warm-up (the model is
 already trained). For the EfficientNet recipe add --config.freeze_batch_norm=True.
 """
 
-from configs import default
+from configs import image_base
 
 MODELS = ("resnet50", "resnet101")
 METHODS = ("maxup", "cutmix")
@@ -23,7 +23,7 @@ def get_config(arg: str = "resnet50,maxup"):
   if method not in METHODS:
     raise ValueError(f"METHOD={method!r} in {arg!r}; valid: {list(METHODS)}")
 
-  config = default.get_config()
+  config = image_base.get_config()
   config.dataset = "imagenet2012"
   config.model = model
   config.batch_size = 256

@@ -7,11 +7,11 @@ trains on one noisy copy. Other noise levels or copy counts by override, e.g.
 `--config.augment.gaussian_sigma=0.5 --config.maxup.num_copies=25`.
 """
 
-from configs import default
+from configs import image_base
 
 
 def get_config():
-  config = default.get_config()
+  config = image_base.get_config()
   config.dataset = "mnist"
   config.model = "small_cnn"
   config.batch_size = 128

@@ -56,11 +56,10 @@ PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
 SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
                 ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
 FINETUNE_AUGMENTATIONS = {"cutout": "Cutout", "cutmix": "CutMix"}  # config argument -> name
-CONFIG_FILES = {"cifar10": "configs/results_cifar10.py", "mnist_gauss": "configs/results_mnist_gauss.py",
-                "ptb": "configs/results_ptb.py", "cifar10_gauss": "configs/results_cifar10_gauss.py",
-                "cifar10_scratch": "configs/results_cifar10_scratch.py",
-                "ptb_asgd": "configs/results_ptb_asgd.py",
-                **{f"cifar10_finetune_{aug}": "configs/results_cifar10_finetune.py"
+# Experiment -> its config file in results/configs, which for most shares its name.
+CONFIG_FILES = {**{name: f"results/configs/{name}.py" for name in
+                   ("cifar10", "mnist_gauss", "ptb", "cifar10_gauss", "cifar10_scratch", "ptb_asgd")},
+                **{f"cifar10_finetune_{aug}": "results/configs/cifar10_finetune.py"
                    for aug in FINETUNE_AUGMENTATIONS}}
 
 

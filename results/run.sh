@@ -104,7 +104,7 @@ certify() {  # Experiment 3: every 20th MNIST test image (500 images).
 # Experiment 8: Gaussian augmentation vs MaxUp+Gauss (m=5) on CIFAR-10 at
 # sigma 0.25, each run certified on every 50th test image (200 images).
 cifar10_certify() {
-  local dir=$RUNS/cifar10_gauss config=configs/results_cifar10_gauss.py seed m
+  local dir=$RUNS/cifar10_gauss config=results/configs/cifar10_gauss.py seed m
   for seed in "${SEEDS[@]}"; do
     for m in 1 5; do
       train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
@@ -118,12 +118,12 @@ cifar10_certify() {
 # in its directory, so every seed gets the same number.
 measured_equal_time() {  # measured_equal_time DIR CONFIG:ARG UNIT
   mkdir -p "$1"
-  "$PYTHON" results/equal_time.py --config "$2" --unit "$3" --out "$1/equal_time.json"
+  "$PYTHON" -m results.equal_time --config "$2" --unit "$3" --out "$1/equal_time.json"
 }
 
 # Per seed: the baseline (m=1), MaxUp with MAXUP copies, and the baseline
 # given MaxUp's time (its epochs from measured_equal_time). CONFIG_PREFIX is
-# the config argument up to M: "configs/NAME.py:" or "configs/NAME.py:ARG,".
+# the config argument up to M: "results/configs/NAME.py:" or "results/configs/NAME.py:ARG,".
 measured_compare() {  # measured_compare DIR CONFIG_PREFIX MAXUP UNIT
   local dir=$1 config=$2 maxup=$3 unit=$4 equal seed m
   equal=$(measured_equal_time "$dir" "$config$maxup" "$unit")
@@ -137,12 +137,12 @@ measured_compare() {  # measured_compare DIR CONFIG_PREFIX MAXUP UNIT
 }
 
 # Experiment 6: from scratch until the baseline fits its 2,500 images.
-scratch() { measured_compare "$RUNS/cifar10_scratch" configs/results_cifar10_scratch.py: 4 1; }
+scratch() { measured_compare "$RUNS/cifar10_scratch" results/configs/cifar10_scratch.py: 4 1; }
 
 # Experiment 6, seeds 3 and 4 of the two methods whose difference three seeds
 # left within noise.
 scratch_more_seeds() {
-  local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py seed m
+  local dir=$RUNS/cifar10_scratch config=results/configs/cifar10_scratch.py seed m
   for seed in 3 4; do
     for m in 1 4; do
       train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
@@ -151,7 +151,7 @@ scratch_more_seeds() {
 }
 
 scratch_ablation() {  # m = 2 and 10 in experiment 6's regime.
-  local dir=$RUNS/cifar10_scratch config=configs/results_cifar10_scratch.py seed m
+  local dir=$RUNS/cifar10_scratch config=results/configs/cifar10_scratch.py seed m
   for seed in "${SEEDS[@]}"; do
     for m in 2 10; do
       train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed"
@@ -161,13 +161,13 @@ scratch_ablation() {  # m = 2 and 10 in experiment 6's regime.
 
 # Experiment 7: fine-tune experiment 6's seed-0 baseline, Cutout and CutMix.
 finetune() {
-  local config=configs/results_cifar10_finetune.py aug
+  local config=results/configs/cifar10_finetune.py aug
   local pretrained=$RUNS/cifar10_scratch/m1_seed0
   # The starting point is its checkpoint; restore_collected brings back only
   # its logs, so a fresh checkout trains it again (~15 min alone).
   if [[ ! -d $pretrained/checkpoints ]]; then
     rm -rf "$pretrained"
-    train "$pretrained" configs/results_cifar10_scratch.py:1 --config.seed=0
+    train "$pretrained" results/configs/cifar10_scratch.py:1 --config.seed=0
   fi
   for aug in cutout cutmix; do
     measured_compare "$RUNS/cifar10_finetune_$aug" "$config:$aug," 4 0.5
@@ -178,7 +178,7 @@ finetune() {
 # the same two methods, trained and certified at sigma 0.5, into their own
 # directory.
 cifar10_certify_sigma05() {
-  local dir=$RUNS/cifar10_gauss_sigma0.5 config=configs/results_cifar10_gauss.py seed m
+  local dir=$RUNS/cifar10_gauss_sigma0.5 config=results/configs/cifar10_gauss.py seed m
   for seed in "${SEEDS[@]}"; do
     for m in 1 5; do
       train "$dir/m${m}_seed$seed" "$config:$m" --config.seed="$seed" \
@@ -205,7 +205,7 @@ pretrained() {  # pretrained WORKDIR CONFIG [--config.X=Y ...]
 # BatchNorm-frozen variant (the paper's EfficientNet recipe: 1e-4, 5 epochs).
 # Fine-tuning seed S starts from pretrained seed S. LRS="1e-5" runs a subset.
 finetune_cutmix() {
-  local config=configs/results_cifar10_finetune_cutmix.py seed lr m equal init
+  local config=results/configs/cifar10_finetune_cutmix.py seed lr m equal init
   local scratch=$RUNS/cifar10_cutmix_scratch dir=$RUNS/cifar10_finetune_paper
   local frozen=$RUNS/cifar10_finetune_paper_frozen
   for seed in "${SEEDS[@]}"; do
@@ -240,7 +240,7 @@ finetune_cutmix() {
 # lowest validation perplexity of the best weights picks the dropout of
 # every later run.
 ptb_asgd_dropout() {
-  local dir=$RUNS/ptb_asgd_dropout config=configs/results_ptb_asgd.py dropout
+  local dir=$RUNS/ptb_asgd_dropout config=results/configs/ptb_asgd.py dropout
   for dropout in 0.1 0.3 0.5; do
     train "$dir/dropout${dropout}_seed0" "$config:$dropout,1" --config.seed=0 \
       --config.finetune.num_restarts=0 --config.dynamic_eval.enabled=False
@@ -269,13 +269,13 @@ ptb_asgd() {
   ptb_asgd_dropout
   dropout=$(best_dropout "$RUNS/ptb_asgd_dropout")
   echo "dropout: $dropout"
-  measured_compare "$RUNS/ptb_asgd" "configs/results_ptb_asgd.py:$dropout," 2 1
+  measured_compare "$RUNS/ptb_asgd" "results/configs/ptb_asgd.py:$dropout," 2 1
 }
 
 # Experiment 9, seeds 3 and 4 of the baseline and MaxUp (the treatment
 # experiment 6 had): three seeds left the paired difference short of p < 0.05.
 ptb_asgd_more_seeds() {
-  local dropout dir=$RUNS/ptb_asgd config=configs/results_ptb_asgd.py seed m
+  local dropout dir=$RUNS/ptb_asgd config=results/configs/ptb_asgd.py seed m
   dropout=$(best_dropout "$RUNS/ptb_asgd_dropout")
   for seed in 3 4; do
     for m in 1 2; do
@@ -284,9 +284,9 @@ ptb_asgd_more_seeds() {
   done
 }
 
-cifar10() { compare cifar10 configs/results_cifar10.py 30 1 4 2 10; }
-mnist() { compare mnist_gauss configs/results_mnist_gauss.py 2 0.5 5; }
-ptb() { compare ptb configs/results_ptb.py 6 1 2; }
+cifar10() { compare cifar10 results/configs/cifar10.py 30 1 4 2 10; }
+mnist() { compare mnist_gauss results/configs/mnist_gauss.py 2 0.5 5; }
+ptb() { compare ptb results/configs/ptb.py 6 1 2; }
 
 case "${1:-}" in
   cifar10|mnist|certify|ptb|scratch|scratch_more_seeds|finetune|finetune_cutmix|scratch_ablation|cifar10_certify|cifar10_certify_sigma05|ptb_asgd|ptb_asgd_more_seeds)

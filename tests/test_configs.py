@@ -6,19 +6,27 @@ from pathlib import Path
 import pytest
 
 from configs import cifar_paper, hardware, imagenet_cutmix
-from configs import results_cifar10, results_cifar10_finetune, results_cifar10_gauss
-from configs import results_cifar10_scratch
-from configs import results_mnist_gauss, results_ptb, results_ptb_asgd
+from results.configs import cifar10, cifar10_finetune, cifar10_gauss, cifar10_scratch
+from results.configs import mnist_gauss, ptb, ptb_asgd
 from trainer import image, language
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+# The user presets and RESULTS.md's experiments, as modules.
+CONFIG_MODULES = sorted(".".join(p.relative_to(REPO).with_suffix("").parts)
+                        for folder in ("configs", "results/configs")
+                        for p in (REPO / folder).glob("*.py") if p.stem != "__init__")
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")
-                                        if p.stem != "__init__"))
+def test_config_modules_are_found():
+  assert {"configs.image_base", "configs.ptb_awd_lstm", "results.configs.ptb"} <= set(CONFIG_MODULES)
+
+
+@pytest.mark.parametrize("name", CONFIG_MODULES)
 def test_every_config_builds(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  # Every config names its task; the language ones their output layer's loss chunk.
+  config = importlib.import_module(name).get_config()
   assert config.task in ("image", "language")
+  assert ("vocab_chunk_size" in config) == (config.task == "language")
 
 
 @pytest.mark.parametrize("dataset", cifar_paper.DATASETS)
@@ -45,12 +53,12 @@ def test_bad_paper_config_arguments(arg):
     cifar_paper.get_config(arg)
 
 
-RESULTS_CONFIGS = [(results_cifar10, "1", ("2", "4", "10")), (results_mnist_gauss, "1", ("5",)),
-                   (results_ptb, "1", ("2",)), (results_cifar10_scratch, "1", ("2", "4", "10")),
-                   (results_cifar10_finetune, "cutout,1", ("cutout,4",)),
-                   (results_cifar10_finetune, "cutmix,1", ("cutmix,4",)),
-                   (results_cifar10_gauss, "1", ("5",)),
-                   (results_ptb_asgd, "0.3,1", ("0.3,2",))]
+RESULTS_CONFIGS = [(cifar10, "1", ("2", "4", "10")), (mnist_gauss, "1", ("5",)),
+                   (ptb, "1", ("2",)), (cifar10_scratch, "1", ("2", "4", "10")),
+                   (cifar10_finetune, "cutout,1", ("cutout,4",)),
+                   (cifar10_finetune, "cutmix,1", ("cutmix,4",)),
+                   (cifar10_gauss, "1", ("5",)),
+                   (ptb_asgd, "0.3,1", ("0.3,2",))]
 
 
 @pytest.mark.parametrize("module, baseline, maxup_args", RESULTS_CONFIGS)
@@ -75,27 +83,27 @@ def test_results_configs_reject_other_copy_counts(module, baseline):
 
 
 def test_ptb_asgd_sets_every_dropout_but_the_embeddings_and_rejects_bad_values():
-  config = results_ptb_asgd.get_config("0.5,2")
+  config = ptb_asgd.get_config("0.5,2")
   assert [config.model[name] for name in ("input_dropout", "hidden_dropout", "output_dropout",
                                           "weight_dropout")] == [0.5] * 4
   assert config.model.embed_dropout == 0.1 and config.finetune.num_restarts == 1
   language.validate_config(config, num_devices=1)
   for arg in ("1.0,1", "-0.1,1", "high,2", "2"):
     with pytest.raises(ValueError, match="DROPOUT=.*must be a number in \\[0, 1\\)"):
-      results_ptb_asgd.get_config(arg)
+      ptb_asgd.get_config(arg)
 
 
 def test_fine_tune_starts_from_the_scratch_baseline_and_rejects_other_augmentations():
-  scratch = results_cifar10_scratch.get_config("1")
+  scratch = cifar10_scratch.get_config("1")
   for arg in ("cutout,4", "cutmix,1"):
-    config = results_cifar10_finetune.get_config(arg)
+    config = cifar10_finetune.get_config(arg)
     assert config.init_checkpoint.endswith("cifar10_scratch/m1_seed0")
     assert (config.model, config.num_train_examples) == (scratch.model, scratch.num_train_examples)
     assert config.learning_rate < scratch.learning_rate and config.maxup.warmup_epochs == 0
-  assert results_cifar10_finetune.get_config("cutmix,4").augment.cutmix_alpha == 1.0
-  assert results_cifar10_finetune.get_config("cutmix,4").augment.cutout_length == 0
+  assert cifar10_finetune.get_config("cutmix,4").augment.cutmix_alpha == 1.0
+  assert cifar10_finetune.get_config("cutmix,4").augment.cutout_length == 0
   with pytest.raises(ValueError, match="AUG='mixup'.*valid"):
-    results_cifar10_finetune.get_config("mixup,4")
+    cifar10_finetune.get_config("mixup,4")
 
 
 def test_presets_scale_batch_and_learning_rate():

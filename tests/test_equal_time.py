@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import results_cifar10_scratch, results_ptb
+from results.configs import cifar10_scratch, ptb
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("equal_time", REPO / "results" / "equal_time.py")
@@ -15,7 +15,7 @@ _spec.loader.exec_module(equal_time)
 
 
 def test_epochs_charge_the_warm_up_at_the_baseline_cost_and_round_to_the_unit():
-  config = results_cifar10_scratch.get_config("4")  # 80 epochs, MaxUp after 2.
+  config = cifar10_scratch.get_config("4")  # 80 epochs, MaxUp after 2.
   assert equal_time.equal_time_epochs(config, 2.02, 1) == 160  # 2 + 78 * 2.02 = 159.6
   assert equal_time.equal_time_epochs(config, 1.0, 1) == 80
   assert equal_time.equal_time_epochs(config, 2.02, 0.5) == 159.5
@@ -24,20 +24,20 @@ def test_epochs_charge_the_warm_up_at_the_baseline_cost_and_round_to_the_unit():
 
 
 def test_language_configs_have_no_warm_up():
-  config = results_ptb.get_config("2")  # 6 epochs.
+  config = ptb.get_config("2")  # 6 epochs.
   assert "warmup_epochs" not in config.maxup
   assert equal_time.equal_time_epochs(config, 1.5, 1) == 9
 
 
 def _tiny_language_config():
-  config = results_ptb.get_config("2")
+  config = ptb.get_config("2")
   config.model.embed_dim = config.model.hidden_dim = 16
   config.batch_size, config.bptt, config.seq_len_bucket = 4, 8, 8
   return config
 
 
 def test_image_configs_time_the_trainers_image_step():
-  config = results_cifar10_scratch.get_config("4")
+  config = cifar10_scratch.get_config("4")
   runners = equal_time.step_runners(config)
   # Built, not run: compiling two image steps would take a minute on a small CPU.
   assert set(runners) == {1, 4}
@@ -46,7 +46,7 @@ def test_image_configs_time_the_trainers_image_step():
 
 
 def test_language_configs_time_the_language_step():
-  config = results_ptb.get_config("2")
+  config = ptb.get_config("2")
   config.model.embed_dim = config.model.hidden_dim = 16
   config.batch_size, config.bptt, config.seq_len_bucket = 4, 8, 8
   runners = equal_time.step_runners(config)
@@ -67,10 +67,10 @@ def test_a_saved_measurement_is_reused(tmp_path, monkeypatch, capsys):
     raise AssertionError("measured again although the file exists")
 
   monkeypatch.setattr(equal_time, "measure", fail)
-  equal_time.main(["--config", "configs/results_ptb.py:2", "--out", str(out)])
+  equal_time.main(["--config", "results/configs/ptb.py:2", "--out", str(out)])
   assert capsys.readouterr().out.strip() == "9"
 
 
 def test_a_baseline_config_is_refused():
   with pytest.raises(SystemExit, match="num_copies=1; give the MaxUp config"):
-    equal_time.main(["--config", "configs/results_ptb.py:1"])
+    equal_time.main(["--config", "results/configs/ptb.py:1"])

@@ -165,7 +165,7 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Experiment 10's config (configs/results_cifar10_finetune_cutmix.py) and run.sh target.
+# Experiment 10's config (results/configs/cifar10_finetune_cutmix.py) and run.sh target.
 
 
 def _flat(config):
@@ -182,9 +182,9 @@ def _items(tree, prefix=""):
 
 def test_cutmix_finetune_config_builds_the_papers_recipe():
   sys.path.insert(0, str(REPO))
-  from configs import results_cifar10_finetune_cutmix as ft, results_cifar10_scratch
+  from results.configs import cifar10_finetune_cutmix as ft, cifar10_scratch
 
-  pretrain, scratch = _flat(ft.get_config("pretrain")), _flat(results_cifar10_scratch.get_config("1"))
+  pretrain, scratch = _flat(ft.get_config("pretrain")), _flat(cifar10_scratch.get_config("1"))
   # Experiment 6's baseline with CutMix in place of Cutout, nothing else.
   assert {k for k in scratch if pretrain[k] != scratch[k]} == {"augment.cutout_length",
                                                                "augment.cutmix_alpha"}
@@ -218,7 +218,7 @@ def test_cutmix_finetune_runs_a_few_steps(tmp_path):
   # The pretrain config for 4 steps, then MaxUp+CutMix fine-tuning from it,
   # on 256 images (scored on 200): what the real runs do, in seconds.
   sys.path.insert(0, str(REPO))
-  from configs import results_cifar10_finetune_cutmix as ft
+  from results.configs import cifar10_finetune_cutmix as ft
   from trainer import checkpointing, image, metrics
 
   def tiny(config):
@@ -250,7 +250,7 @@ def test_run_sh_finetune_cutmix_runs_the_grid_in_order(tmp_path):
   fake = tmp_path / "fake_python"
   fake.write_text("""#!/bin/bash
 echo "$*" >> commands.txt
-if [[ $1 == results/equal_time.py ]]; then echo 40; exit 0; fi
+if [[ $1 == -m && $2 == results.equal_time ]]; then echo 40; exit 0; fi
 while [[ $# -gt 0 ]]; do [[ $1 == --workdir ]] && workdir=$2; shift; done
 mkdir -p "$workdir/checkpoints"
 echo '{"split": "summary", "preempted": false}' > "$workdir/metrics.jsonl"
@@ -263,7 +263,7 @@ echo "summary: done"
   assert completed.returncode == 0, completed.stderr
   commands = (tmp_path / "commands.txt").read_text().splitlines()
   workdirs = [c.split("--workdir ")[1].split()[0] for c in commands if "--workdir" in c]
-  config = "configs/results_cifar10_finetune_cutmix.py"
+  config = "results/configs/cifar10_finetune_cutmix.py"
   assert workdirs[:2] == ["runs/results/cifar10_cutmix_scratch/m1_seed0",
                           "runs/results/cifar10_cutmix_scratch/m1_seed1"]
   grid = [w.removeprefix("runs/results/cifar10_finetune_paper/") for w in workdirs[2:20]]
@@ -279,4 +279,4 @@ echo "summary: done"
       assert f"--config {config}:1e-" in command
     if "equal_time_seed" in command:
       assert "--config.num_epochs=40" in command
-  assert sum("results/equal_time.py" in c for c in commands) == 2
+  assert sum(c.startswith("-m results.equal_time ") for c in commands) == 2

@@ -1,8 +1,8 @@
 """RESULTS.md experiment 10: the paper's fine-tuning recipe at CIFAR scale (issue 29, part 4).
 
-  --config configs/results_cifar10_finetune_cutmix.py:pretrain         the CutMix-trained baseline
-  --config configs/results_cifar10_finetune_cutmix.py:LR,M             fine-tune, BatchNorm training
-  --config configs/results_cifar10_finetune_cutmix.py:LR,M,frozen      fine-tune, BatchNorm frozen
+  --config results/configs/cifar10_finetune_cutmix.py:pretrain         the CutMix-trained baseline
+  --config results/configs/cifar10_finetune_cutmix.py:LR,M             fine-tune, BatchNorm training
+  --config results/configs/cifar10_finetune_cutmix.py:LR,M,frozen      fine-tune, BatchNorm frozen
 
   LR = 1e-5 | 1e-4 | 1e-3, M = 1 (CutMix) | 4 (MaxUp+CutMix)
 
@@ -11,7 +11,7 @@ CutMix with MaxUp+CutMix (m=4), so that only MaxUp is new: ResNets for 20
 epochs at lr 1e-5 with BatchNorm training, EfficientNets for 5 epochs at
 lr 1e-4 with BatchNorm frozen (absolute learning rates). Here:
 
-- `pretrain`: experiment 6's regime (`configs/results_cifar10_scratch.py`:
+- `pretrain`: experiment 6's regime (`results/configs/cifar10_scratch.py`:
   airbench_32_64_128 on the first 2,500 CIFAR-10 images, 80 epochs, SGD with
   Nesterov momentum 0.9, lr warmed up to 0.1 then cosine, weight decay 5e-4,
   crop + flip) with CutMix (alpha 1) in place of Cutout, m=1. Seeds by
@@ -34,7 +34,8 @@ Every 2 epochs (1 when frozen): test top-1 on all 10,000 test images and
 top-1 on the un-augmented training images.
 """
 
-from configs import default, results_cifar10_scratch
+from configs import image_base
+from results.configs import cifar10_scratch
 
 LEARNING_RATES = ("1e-5", "1e-4", "1e-3")
 NUM_COPIES = (1, 4)
@@ -43,7 +44,7 @@ PRETRAINED = "runs/results/cifar10_cutmix_scratch/m1_seed0"
 
 def get_config(arg: str = "1e-5,4"):
   if arg == "pretrain":
-    config = results_cifar10_scratch.get_config("1")
+    config = cifar10_scratch.get_config("1")
     config.augment.cutout_length = 0
     config.augment.cutmix_alpha = 1.0
     return config
@@ -51,7 +52,7 @@ def get_config(arg: str = "1e-5,4"):
   if len(parts) not in (2, 3) or parts[0] not in LEARNING_RATES or parts[2:] not in ([], ["frozen"]):
     raise ValueError(f"{arg!r}: expected 'pretrain', 'LR,M' or 'LR,M,frozen' with LR in "
                      f"{list(LEARNING_RATES)} and M in {list(NUM_COPIES)}, e.g. 1e-5,4")
-  num_copies = default.parse_num_copies(parts[1], NUM_COPIES, "the standard CutMix fine-tune")
+  num_copies = image_base.parse_num_copies(parts[1], NUM_COPIES, "the standard CutMix fine-tune")
   frozen = parts[2:] == ["frozen"]
   config = get_config("pretrain")
   config.init_checkpoint = PRETRAINED

@@ -1,6 +1,6 @@
 """RESULTS.md experiment 7: the paper's fine-tuning recipe on CIFAR-10.
 
-  --config configs/results_cifar10_finetune.py:AUG,M   AUG = cutout | cutmix, M = 1 | 4
+  --config results/configs/cifar10_finetune.py:AUG,M   AUG = cutout | cutmix, M = 1 | 4
 
 Section 4.1 of the paper applies MaxUp to already trained ImageNet models for
 a few epochs at a small learning rate. Here the trained model is experiment
@@ -15,7 +15,8 @@ Every 2 epochs: test top-1 on all 10,000 test images and top-1 on the
 un-augmented training images. Seeds by `--config.seed`.
 """
 
-from configs import default, results_cifar10_scratch
+from configs import image_base
+from results.configs import cifar10_scratch
 
 AUGMENTATIONS = ("cutout", "cutmix")
 NUM_COPIES = (1, 4)
@@ -27,8 +28,8 @@ def get_config(arg: str = "cutout,4"):
   if augmentation not in AUGMENTATIONS:
     raise ValueError(f"AUG={augmentation!r} in {arg!r}; valid: {list(AUGMENTATIONS)} "
                      "(expected AUG,M, e.g. cutmix,4)")
-  num_copies = default.parse_num_copies(copies, NUM_COPIES, "the standard fine-tune")
-  config = results_cifar10_scratch.get_config("1")
+  num_copies = image_base.parse_num_copies(copies, NUM_COPIES, "the standard fine-tune")
+  config = cifar10_scratch.get_config("1")
   config.init_checkpoint = PRETRAINED
   config.num_epochs = 10
   config.learning_rate = 0.01

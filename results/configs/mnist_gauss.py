@@ -1,8 +1,8 @@
 """RESULTS.md experiments 3 and 4: Gaussian augmentation vs MaxUp+Gauss on MNIST, sigma 0.5.
 
-  --config configs/results_mnist_gauss.py:M    M = 1 (Gaussian augmentation) | 5 (MaxUp+Gauss)
+  --config results/configs/mnist_gauss.py:M    M = 1 (Gaussian augmentation) | 5 (MaxUp+Gauss)
 
-`mnist_gauss.py` at sigma 0.5, the middle of the paper's grid, so certified
+`configs/mnist_gauss.py` at sigma 0.5, the middle of the paper's grid, so certified
 radii up to ~1.6 are reachable with n=10,000 samples; M=5 is the smallest m
 of the paper's grid. Everything but M is shared: the small CNN, 2 epochs of
 all 60,000 images, batch 128, lr warmed up linearly over 0.2 epochs to 0.05
@@ -15,13 +15,13 @@ norm of the loss's input gradient (the quantity of the paper's theorem 1).
 Seeds by `--config.seed`.
 """
 
-from configs import default, mnist_gauss
+from configs import image_base, mnist_gauss
 
 NUM_COPIES = (1, 5)
 
 
 def get_config(arg: str = "5"):
-  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Gaussian augmentation")
+  num_copies = image_base.parse_num_copies(arg, NUM_COPIES, "Gaussian augmentation")
   config = mnist_gauss.get_config()
   config.augment.gaussian_sigma = 0.5
   config.maxup.num_copies = num_copies

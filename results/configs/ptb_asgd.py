@@ -1,6 +1,6 @@
 """RESULTS.md experiment 9: PTB trained past the point where validation stops improving.
 
-  --config configs/results_ptb_asgd.py:DROPOUT,M   DROPOUT in [0, 1), M = 1 (embedding dropout) | 2 (MaxUp)
+  --config results/configs/ptb_asgd.py:DROPOUT,M   DROPOUT in [0, 1), M = 1 (embedding dropout) | 2 (MaxUp)
 
 Experiment 2 stopped long before its baseline overfitted; here the baseline
 runs AWD-LSTM's whole recipe on a corpus it can overfit: SGD until NT-ASGD's
@@ -9,7 +9,7 @@ from before the last 5 epochs), then ASGD to the end of 40 epochs, then one
 fine-tuning restart of ASGD from the best averaged weights (ending when the
 criterion fires again, at most 10 epochs), and the best weights scored on
 the full validation and test sets at batch size 1 and with dynamic
-evaluation. The model is `ptb_small_lstm.py`'s 2 x 200 LSTM (tied 200-d
+evaluation. The model is `configs/ptb_small_lstm.py`'s 2 x 200 LSTM (tied 200-d
 embeddings, 32 streams of ~35-token segments, lr 20) on the first 100,000
 PTB training tokens (~90 steps an epoch).
 
@@ -22,7 +22,7 @@ two methods differ only in M. Seeds by `--config.seed`; the same-time
 baseline is M=1 with `--config.num_epochs` from `results/equal_time.py`.
 """
 
-from configs import default, ptb_small_lstm
+from configs import image_base, ptb_small_lstm
 
 NUM_COPIES = (1, 2)
 
@@ -36,7 +36,7 @@ def get_config(arg: str = "0.3,2"):
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"DROPOUT={dropout_arg!r} in {arg!r}; must be a number in [0, 1) "
                      "(expected DROPOUT,M, e.g. 0.3,2)")
-  num_copies = default.parse_num_copies(copies, NUM_COPIES, "embedding dropout only")
+  num_copies = image_base.parse_num_copies(copies, NUM_COPIES, "embedding dropout only")
   config = ptb_small_lstm.get_config()
   config.num_train_tokens = 100_000
   for name in ("input_dropout", "hidden_dropout", "output_dropout", "weight_dropout"):

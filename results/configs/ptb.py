@@ -1,8 +1,8 @@
 """RESULTS.md experiment 2: the small LSTM on 50,000 PTB tokens, embedding dropout vs MaxUp.
 
-  --config configs/results_ptb.py:M    M = 1 (embedding dropout) | 2 (MaxUp, the paper's m)
+  --config results/configs/ptb.py:M    M = 1 (embedding dropout) | 2 (MaxUp, the paper's m)
 
-`ptb_small_lstm.py` (2 x 200 LSTM, tied 200-d embeddings, 32 streams, ~35
+`configs/ptb_small_lstm.py` (2 x 200 LSTM, tied 200-d embeddings, 32 streams, ~35
 token segments, light dropout) trained for 6 epochs on the first 50,000
 training tokens, so that it overfits and regularisation matters. Validation
 every epoch and the final test use the full PTB validation and test sets
@@ -11,13 +11,13 @@ dynamic evaluation. Seeds by `--config.seed`; the same-wall-clock baseline is
 M=1 with `--config.num_epochs` raised (see RESULTS.md).
 """
 
-from configs import default, ptb_small_lstm
+from configs import image_base, ptb_small_lstm
 
 NUM_COPIES = (1, 2)
 
 
 def get_config(arg: str = "2"):
-  num_copies = default.parse_num_copies(arg, NUM_COPIES, "embedding dropout only")
+  num_copies = image_base.parse_num_copies(arg, NUM_COPIES, "embedding dropout only")
   config = ptb_small_lstm.get_config()
   config.num_train_tokens = 50_000
   config.num_epochs = 6

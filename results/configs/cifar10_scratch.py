@@ -1,6 +1,6 @@
 """RESULTS.md experiment 6: CIFAR-10 from scratch until the baseline fits its training set.
 
-  --config configs/results_cifar10_scratch.py:M   M = 1 (Cutout) | 2 | 4 | 10 (MaxUp+Cutout)
+  --config results/configs/cifar10_scratch.py:M   M = 1 (Cutout) | 2 | 4 | 10 (MaxUp+Cutout)
 
 MaxUp is a regulariser, so this experiment trains where there is something
 to regularise: the baseline ends at >= 95% top-1 on its (un-augmented)
@@ -19,14 +19,14 @@ starts after 2 epochs of standard augmentation (the paper's 5 of 200). Every
 with `--config.num_epochs` from `results/equal_time.py`.
 """
 
-from configs import default
+from configs import image_base
 
 NUM_COPIES = (1, 2, 4, 10)
 
 
 def get_config(arg: str = "4"):
-  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Cutout only")
-  config = default.get_config()
+  num_copies = image_base.parse_num_copies(arg, NUM_COPIES, "Cutout only")
+  config = image_base.get_config()
   config.model = "airbench_32_64_128"
   config.num_train_examples = 2500
   config.train_eval_examples = 2500

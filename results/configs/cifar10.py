@@ -1,6 +1,6 @@
 """RESULTS.md experiments 1 and 5: ResNet-8 on 2,048 CIFAR-10 images, Cutout vs MaxUp+Cutout.
 
-  --config configs/results_cifar10.py:M    M = 1 (Cutout) | 2 | 4 | 10 (MaxUp+Cutout)
+  --config results/configs/cifar10.py:M    M = 1 (Cutout) | 2 | 4 | 10 (MaxUp+Cutout)
 
 Everything but the number of copies is shared: 30 epochs of 16 steps (batch
 128), SGD momentum 0.9, cosine lr from 0.1, weight decay 5e-4, crop+flip then
@@ -12,14 +12,14 @@ un-augmented (`train_clean`). Seeds by `--config.seed`; the same-wall-clock
 baseline is M=1 with `--config.num_epochs` raised (see RESULTS.md).
 """
 
-from configs import default
+from configs import image_base
 
 NUM_COPIES = (1, 2, 4, 10)
 
 
 def get_config(arg: str = "4"):
-  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Cutout only")
-  config = default.get_config()
+  num_copies = image_base.parse_num_copies(arg, NUM_COPIES, "Cutout only")
+  config = image_base.get_config()
   config.model = "resnet8"
   config.num_train_examples = 2048
   config.train_eval_examples = 2048

@@ -1,12 +1,12 @@
 """RESULTS.md experiment 8: certified robustness on CIFAR-10, Gaussian augmentation vs MaxUp+Gauss.
 
-  --config configs/results_cifar10_gauss.py:M   M = 1 (Gaussian augmentation) | 5 (MaxUp+Gauss)
+  --config results/configs/cifar10_gauss.py:M   M = 1 (Gaussian augmentation) | 5 (MaxUp+Gauss)
 
 The paper's certification table (table 8) is on CIFAR-10; this is its
-recipe (`cifar10_gauss_paper.py`: noise N(0, sigma^2 I) added in [0, 1]
+recipe (`configs/cifar10_gauss_paper.py`: noise N(0, sigma^2 I) added in [0, 1]
 pixel space after crop + flip, no Cutout, MaxUp after a warm-up of one noisy
 copy) at sigma 0.25 with m=5, the smallest m of the paper's grid, shrunk to
-a 2-core CPU with experiment 6's recipe (`results_cifar10_scratch.py`: the
+a 2-core CPU with experiment 6's recipe (`results/configs/cifar10_scratch.py`: the
 airbench network, widths 32/64/128, 295k parameters; SGD with Nesterov
 momentum 0.9, lr warmed up over 1 epoch to 0.1 then cosine to 0, weight
 decay 5e-4; MaxUp after 2 epochs) on the first 10,000 CIFAR-10 training
@@ -18,14 +18,15 @@ of the base classifier on all 10,000 test images and top-1 on 2,000
 un-augmented training images. Seeds by `--config.seed`.
 """
 
-from configs import default, results_cifar10_scratch
+from configs import image_base
+from results.configs import cifar10_scratch
 
 NUM_COPIES = (1, 5)
 
 
 def get_config(arg: str = "5"):
-  num_copies = default.parse_num_copies(arg, NUM_COPIES, "Gaussian augmentation")
-  config = results_cifar10_scratch.get_config("1")  # Its network, optimiser and schedule.
+  num_copies = image_base.parse_num_copies(arg, NUM_COPIES, "Gaussian augmentation")
+  config = cifar10_scratch.get_config("1")  # Its network, optimiser and schedule.
   config.num_train_examples = 10_000
   config.train_eval_examples = 2000
   config.num_epochs = 20
