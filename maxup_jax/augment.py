@@ -32,7 +32,6 @@ to check geometry.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple, Protocol
 
@@ -41,9 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxup_jax import _sharding
+from maxup_jax import _checks, _sharding
 
 Array = jax.Array
+
+# Why the int arguments cannot be traced, as their error messages say: they fix array shapes (a
+# mask's size, a padding, a one-hot width).
+_SHAPE_INT = "it fixes array shapes"
 
 
 class Augmentation(Protocol):
@@ -83,8 +86,8 @@ class Box(NamedTuple):
 
 def random_center(key: Array, height: int, width: int) -> Array:
   """A pixel drawn uniformly from the image: int32 `[cy, cx]` in [0,H) x [0,W)."""
-  _check_positive_int("height", height)
-  _check_positive_int("width", width)
+  _checks.check_int("height", height, 1, reason=_SHAPE_INT)
+  _checks.check_int("width", width, 1, reason=_SHAPE_INT)
   return jax.random.randint(key, (2,), 0, jnp.array([height, width]))
 
 
@@ -125,7 +128,7 @@ def cutout_mask(key: Array, height: int, width: int, length: int) -> Array:
   `random_center(key, height, width)`, clipped at the borders, so near an
   edge only part of it lies inside the image.
   """
-  _check_positive_int("length", length)
+  _checks.check_int("length", length, 1, reason=_SHAPE_INT)
   center = random_center(key, height, width)
   return box_mask(clipped_box(center, length, length, height, width), height, width)
 
@@ -141,7 +144,7 @@ def symmetric_beta(key: Array, alpha: float) -> Array:
   not underflow to 0 / 0, but it draws both Gamma variates in one call, so
   XLA compiles one rejection sampler instead of two.
   """
-  _check_positive_real("alpha", alpha)
+  _checks.check_real("alpha", alpha, 0, exclusive=True)
   log_gammas = jax.random.loggamma(key, jnp.full((2,), alpha, jnp.float32))
   return jax.nn.sigmoid(log_gammas[0] - log_gammas[1])
 
@@ -182,7 +185,7 @@ def random_partner(key: Array, batch_size: int) -> Array:
   The example itself is a possible partner; mixing an example with itself
   leaves it (and its label) unchanged.
   """
-  _check_positive_int("batch_size", batch_size)
+  _checks.check_int("batch_size", batch_size, 1, reason=_SHAPE_INT)
   return jax.random.randint(key, (), 0, batch_size)
 
 
@@ -215,7 +218,7 @@ def gaussian_noise(sigma: float) -> Augmentation:
   Args:
     sigma: standard deviation, a Python number >= 0; 0 is the identity.
   """
-  _check_nonnegative_real("sigma", sigma)
+  _checks.check_real("sigma", sigma, 0)
 
   def perturb(key, image):
     compute_dtype = jnp.promote_types(image.dtype, jnp.float32)
@@ -243,7 +246,7 @@ def cutout(length: int, fill=0.0) -> Augmentation:
       for CIFAR-100 in DeVries & Taylor).
     fill: value of the hole: a scalar or one value per channel, shape [C].
   """
-  _check_positive_int("length", length)
+  _checks.check_int("length", length, 1, reason=_SHAPE_INT)
   _check_fill(fill)
 
   def apply(keys, images, labels):
@@ -269,7 +272,7 @@ def random_crop_flip(padding: int = 4, fill=0.0) -> Augmentation:
       normalised images, `fill = -mean / std` reproduces zero (black)
       padding in pixel space.
   """
-  _check_nonnegative_int("padding", padding)
+  _checks.check_int("padding", padding, 0, reason=_SHAPE_INT)
   _check_fill(fill)
 
   def crop_flip(key, padded, height, width):
@@ -322,7 +325,7 @@ def cutmix(alpha: float, num_classes: int | None = None) -> Augmentation:
   Returns:
     An augmentation whose labels are always soft, `[B, K]`, floating point.
   """
-  _check_positive_real("alpha", alpha)
+  _checks.check_real("alpha", alpha, 0, exclusive=True)
   _check_num_classes(num_classes)
 
   def draw(key, batch_size, height, width):
@@ -365,7 +368,7 @@ def mixup(alpha: float, num_classes: int | None = None) -> Augmentation:
   Returns:
     An augmentation whose labels are always soft, `[B, K]`, floating point.
   """
-  _check_positive_real("alpha", alpha)
+  _checks.check_real("alpha", alpha, 0, exclusive=True)
   _check_num_classes(num_classes)
 
   def draw(key, batch_size):
@@ -555,49 +558,6 @@ def _fill_value(fill, channels: int, dtype) -> Array:
   return jnp.asarray(fill, dtype)
 
 
-def _check_positive_int(name: str, value) -> None:
-  _check_int(name, value)
-  if value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value}.")
-
-
-def _check_nonnegative_int(name: str, value) -> None:
-  _check_int(name, value)
-  if value < 0:
-    raise ValueError(f"{name} must be an int >= 0, got {value}.")
-
-
-def _check_int(name: str, value) -> None:
-  # bool is an int subclass, but `length=True` is surely a mistake.
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(
-        f"{name} must be a Python int (it fixes array shapes), got {value!r} "
-        f"of type {type(value).__name__}."
-    )
-
-
-def _check_nonnegative_real(name: str, value) -> None:
-  _check_real(name, value)
-  if value < 0:
-    raise ValueError(f"{name} must be >= 0, got {value}.")
-
-
-def _check_positive_real(name: str, value) -> None:
-  _check_real(name, value)
-  if value <= 0:
-    raise ValueError(f"{name} must be > 0, got {value}.")
-
-
-def _check_real(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(
-        f"{name} must be a Python number, got {value!r} of type "
-        f"{type(value).__name__}."
-    )
-  if not math.isfinite(value):
-    raise ValueError(f"{name} must be finite, got {value}.")
-
-
 def _check_num_classes(num_classes) -> None:
   if num_classes is not None:
-    _check_positive_int("num_classes", num_classes)
+    _checks.check_int("num_classes", num_classes, 1, reason=_SHAPE_INT)

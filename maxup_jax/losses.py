@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxup_jax import _sharding
+from maxup_jax import _checks, _sharding
 
 Array = jax.Array
 
@@ -78,11 +78,8 @@ def topk_correct(logits: Array, labels: Array, k: int = 1) -> Array:
   labels = jnp.asarray(labels)
   logits = _as_float_logits(logits, "topk_correct")
   num_classes = logits.shape[-1]
-  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
-    raise ValueError(
-        f"k must be a Python int in [1, {num_classes}] (the number of "
-        f"classes), got {k!r}."
-    )
+  _checks.check_int("k", k, 1, num_classes, numpy=False, reason="the number of classes",
+                    wrong_type=ValueError)
   if jnp.issubdtype(labels.dtype, jnp.floating) and labels.shape == logits.shape:
     labels = jnp.argmax(labels, axis=-1)
   elif not (jnp.issubdtype(labels.dtype, jnp.integer)
@@ -165,8 +162,7 @@ def linear_softmax_cross_entropy(inputs: Array, weight: Array, bias: Array, labe
   inputs, weight, bias = (jnp.asarray(x, jnp.float32) for x in (inputs, weight, bias))
   labels = jnp.asarray(labels)
   for name, value in (("chunk_size", chunk_size), ("row_block_size", row_block_size)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
+    _checks.check_int(name, value, 1, numpy=False, wrong_type=ValueError)
   if weight.ndim != 2 or bias.shape != weight.shape[:1] or inputs.shape[-1:] != weight.shape[1:]:
     raise ValueError(
         f"expected inputs [..., D], weight [K, D] and bias [K]; got {inputs.shape}, "

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maxup_jax import _sharding
+from maxup_jax import _checks, _sharding
 
 Array = jax.Array
 PyTree = Any
@@ -148,18 +148,17 @@ def maxup_loss(
       of the wrong shape, or `copies_per_pass > 1` on a batch sharded under
       explicit sharding.
   """
-  _check_num_copies(num_copies)
+  _checks.check_int("num_copies", num_copies, 1, numpy=False, must_be=">= 1",
+                    reason="it fixes array shapes, so it cannot be traced")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   if selection_loss_fn is not None and mode != "two_pass":
     raise ValueError(
         f"selection_loss_fn is only used by mode='two_pass' (single_pass "
         f"differentiates the selection itself); got mode={mode!r}.")
-  if isinstance(copies_per_pass, bool) or not isinstance(copies_per_pass, int) or (
-      copies_per_pass < 1):
-    raise ValueError(
-        f"copies_per_pass must be a Python int >= 1 (num_copies or more evaluates all "
-        f"copies in one vmapped pass), got {copies_per_pass!r}.")
+  _checks.check_int(
+      "copies_per_pass", copies_per_pass, 1, numpy=False, wrong_type=ValueError,
+      reason="num_copies or more evaluates all copies in one vmapped pass")
   _check_key(key)
   batch_size = _batch_size(batch)
 
@@ -224,17 +223,6 @@ def _take_copy(keys: Array, selected: Array) -> Array:
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
   index = selected.reshape(selected.shape + (1,) * (keys.ndim - 2))
   return jnp.take_along_axis(keys, index[None], axis=0)[0]
-
-
-def _check_num_copies(num_copies) -> None:
-  # bool is an int subclass; `num_copies=True` is surely a mistake.
-  if isinstance(num_copies, bool) or not isinstance(num_copies, int):
-    raise TypeError(
-        "num_copies must be a Python int >= 1 (it fixes array shapes, so it "
-        f"cannot be traced), got {num_copies!r} of type {type(num_copies).__name__}."
-    )
-  if num_copies < 1:
-    raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
 
 
 def _check_key(key) -> None:

@@ -43,6 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
+from maxup_jax import _checks
+
 Array = jax.Array
 # classify_fn(noisy_inputs [b, *input_shape]) -> logits [b, num_classes]
 ClassifyFn = Callable[[Array], Array]
@@ -95,14 +97,6 @@ class Prediction(NamedTuple):
 
 # ----------------------------------------------------------------------------
 # Input checks.
-
-
-def _check_positive_int(name: str, value: Any, upper: int = _MAX_SAMPLES) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{name} must be an int, got {value!r}")
-  if not 1 <= value <= upper:
-    raise ValueError(f"{name} must be in [1, {upper}], got {value}")
-  return int(value)
 
 
 def _check_sigma(sigma: Any) -> float:
@@ -185,10 +179,8 @@ class NoiseCounter:
     if not callable(classify_fn):
       raise TypeError(f"classify_fn must be callable, got {classify_fn!r}")
     self.classify_fn = classify_fn
-    self.num_classes = _check_positive_int("num_classes", num_classes)
-    if self.num_classes < 2:
-      raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    self.batch_size = _check_positive_int("batch_size", batch_size)
+    self.num_classes = _checks.check_int("num_classes", num_classes, 2, _MAX_SAMPLES)
+    self.batch_size = _checks.check_int("batch_size", batch_size, 1, _MAX_SAMPLES)
     self.sharding = sharding
     if sharding is None:
       self._noise_sharding = None
@@ -238,7 +230,7 @@ class NoiseCounter:
       `[num_classes]` int64 counts summing to `num_samples`.
     """
     sigma = _check_sigma(sigma)
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = _checks.check_int("num_samples", num_samples, 1, _MAX_SAMPLES)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"x must be floating point (the classifier's raw input), got {x.dtype}")
@@ -342,14 +334,10 @@ def lower_confidence_bound(num_successes: int, num_trials: int, alpha: float) ->
   Returns:
     The lower bound, a float in [0, 1).
   """
-  num_trials = _check_positive_int("num_trials", num_trials, upper=2**62)
-  if isinstance(num_successes, bool) or not isinstance(num_successes, (int, np.integer)):
-    raise TypeError(f"num_successes must be an int, got {num_successes!r}")
-  if not 0 <= num_successes <= num_trials:
-    raise ValueError(
-        f"num_successes must be in [0, num_trials={num_trials}], got {num_successes}")
+  n = _checks.check_int("num_trials", num_trials, 1, 2**62)
+  k = _checks.check_int("num_successes", num_successes, 0, n,
+                        must_be=f"in [0, num_trials={n}]")
   alpha = _check_alpha(alpha)
-  k, n = int(num_successes), num_trials
   if k == 0:
     return 0.0
   return float(stats.beta.ppf(alpha, k, n - k + 1))
@@ -462,8 +450,8 @@ def certify(
   Returns:
     A `Certification` (prediction, radius, p_lower, count_top, counts...).
   """
-  n0 = _check_positive_int("n0", n0)
-  n = _check_positive_int("n", n)
+  n0 = _checks.check_int("n0", n0, 1, _MAX_SAMPLES)
+  n = _checks.check_int("n", n, 1, _MAX_SAMPLES)
   alpha = _check_alpha(alpha)
   counter = _cached_counter(classify_fn, num_classes, batch_size, sharding)
   selection_key, estimation_key = jax.random.split(key)
@@ -503,7 +491,7 @@ def predict(
   Returns:
     A `Prediction` (prediction or ABSTAIN, p_value, counts).
   """
-  n = _check_positive_int("n", n)
+  n = _checks.check_int("n", n, 1, _MAX_SAMPLES)
   alpha = _check_alpha(alpha)
   counts = sample_counts(classify_fn, x, key, sigma, n, batch_size, num_classes, sharding)
   return predict_from_counts(counts, alpha)
