@@ -14,7 +14,7 @@ from scipy import stats
 
 from configs import cifar10_gauss_paper, cifar10_gauss_small, mnist_gauss
 from maxup_jax import augment, models
-from trainer import certification, checkpointing, image, input_pipeline
+from trainer import certification, checkpointing, image, image_data
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "tfds"
@@ -111,7 +111,7 @@ def test_classifier_normalises_raw_pixels_and_uses_running_batch_norm_statistics
   classifier = certification.classifier_from_workdir(tmp_path / "run")
   assert (classifier.num_classes, classifier.step, classifier.config.model) == (10, 7, "resnet8")
   pixels = jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32)
-  mean, std = image.DATASET_STATS["mnist"]
+  mean, std = image_data.DATASET_STATS["mnist"]
   apply = jax.jit(lambda v, x: model.apply(v, augment.normalize(x, mean, std), train=False))
   expected = apply(variables, pixels)
   np.testing.assert_allclose(jax.jit(classifier.classify_fn)(pixels), expected,
@@ -135,6 +135,14 @@ def test_run_without_noise_needs_an_explicit_sigma(tmp_path):
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   with pytest.raises(ValueError, match=r"augment.gaussian_sigma=0\); give the smoothing sigma"):
     certification.certify_workdir(tmp_path)
+
+
+def test_command_line_names_a_bad_setting_before_reading_the_run(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "certify.py", "--workdir", str(tmp_path / "missing"), "--skip=0"],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "skip must be a positive integer, got 0." in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------
@@ -162,8 +170,8 @@ def test_trained_classifier_scores_what_the_trainer_scored(trained_run):
   workdir, summary = trained_run
   classifier = certification.classifier_from_workdir(workdir)
   assert classifier.step == summary["steps"] == 24
-  test = input_pipeline.load_dataset("mnist", "test", DATA_DIR, num_examples=NUM_EVAL)
-  logits = classifier.classify_fn(image.to_unit_float(jnp.asarray(test.images)))
+  test = image_data.load_dataset("mnist", "test", DATA_DIR, num_examples=NUM_EVAL)
+  logits = classifier.classify_fn(image_data.to_unit_float(jnp.asarray(test.images)))
   accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
   assert accuracy == pytest.approx(summary["final_top1"], abs=1e-6)
 
@@ -171,7 +179,8 @@ def test_trained_classifier_scores_what_the_trainer_scored(trained_run):
 @needs_mnist
 def test_certify_trained_run_then_rerun_does_no_work(trained_run):
   workdir, summary = trained_run
-  run = certification.certify_workdir(workdir, log_fn=None, **CERTIFY)
+  run = certification.certify_workdir(workdir, certification.CertifySettings(**CERTIFY),
+                                      log_fn=None)
   out_dir = workdir / "certify"
   assert run.log_path == out_dir / "certify_sigma0.25.tsv"
   assert run.num_images == run.num_new == 20
@@ -180,7 +189,7 @@ def test_certify_trained_run_then_rerun_does_no_work(trained_run):
   assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
   rows = [line.split("\t") for line in lines[1:]]
   assert [int(r[0]) for r in rows] == list(range(0, 200, 10))
-  test = input_pipeline.load_dataset("mnist", "test", DATA_DIR, num_examples=NUM_EVAL)
+  test = image_data.load_dataset("mnist", "test", DATA_DIR, num_examples=NUM_EVAL)
   assert [int(r[1]) for r in rows] == test.labels[::10].tolist()
   predict, radius, correct = (np.array([float(r[i]) for r in rows]) for i in (2, 3, 4))
   np.testing.assert_array_equal(correct, predict == np.array([float(r[1]) for r in rows]))

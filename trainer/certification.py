@@ -8,9 +8,13 @@
 in the format of Cohen et al.'s `certify.py` (tab separated, header line;
 `predict` is -1 on abstention, `time` is seconds). Every row is flushed as soon
 as it is written, so an interrupted run loses at most the image in flight, and
-a rerun with the same arguments continues where it stopped. The noise of image
+a rerun with the same settings continues where it stopped. The noise of image
 `idx` is drawn from `fold_in(key, idx)`, so a resumed log is identical to an
 uninterrupted one (apart from the time column).
+
+`CertifySettings` holds every setting of a certification (CERTIFY's n0, n,
+alpha, the noise level and seed, which images, where the outputs go), checked
+when it is made; `certify_dataset` and `certify_workdir` take it whole.
 
 `certify_workdir` does this for a training run of `trainer.image`: it builds
 the base classifier from the run's config and newest checkpoint
@@ -23,14 +27,15 @@ curve to `certified_accuracy_sigma{sigma}.png`. `read_log`, `accuracy_table`,
 `plot_certified_accuracy` and `write_comparison` regenerate tables and plots
 from logs alone, e.g. to compare two models:
 
-    python -m trainer.certification runs/gauss/certify_sigma0.5.tsv \\
-        runs/maxup/certify_sigma0.5.tsv --labels Gauss MaxUp+Gauss \\
-        --out runs/compare_sigma0.5
+    certification.write_comparison(
+        {"Gauss": "runs/gauss/certify/certify_sigma0.5.tsv",
+         "MaxUp+Gauss": "runs/maxup/certify/certify_sigma0.5.tsv"},
+        "runs/compare_sigma0.5")
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,12 +47,11 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from maxup_jax import augment as augment_lib
-from maxup_jax import models
 from maxup_jax import smoothing
-from trainer import checkpointing, image, input_pipeline, loop
+from trainer import checkpointing, core, image, image_data, loop
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 HEADER = "\t".join(COLUMNS)
@@ -88,6 +92,95 @@ class CertificationRun(NamedTuple):
 
 
 LogLike = Union[str, os.PathLike, CertificationLog]
+
+
+# ----------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class CertifySettings:
+  """Every setting of a certification, checked when made.
+
+  `certify.py` builds one from its flags (a flag per field, with these
+  defaults); `certify_workdir` fills in the fields left None from the training
+  run and hands the result to `certify_dataset`. The log's config JSON records
+  sigma, n0, n, alpha, batch_size, skip, split and seed, and a log made with
+  other values of them is not resumed; max_images, data_dir and out_dir may
+  change between calls.
+
+  Attributes:
+    sigma: smoothing noise level (in [0, 1] pixel units for image runs), a
+      finite number > 0. None: the run's `augment.gaussian_sigma`
+      (`certify_workdir`); `certify_dataset` needs a number.
+    n0: noise samples that select the top class, >= 1.
+    n: noise samples that estimate its probability, >= 1.
+    alpha: failure probability of each certificate, in (0, 1).
+    batch_size: noise samples per classifier call, >= 1 (`certify_workdir`:
+      a multiple of the devices the batch is split over).
+    skip: certify every skip-th image (Cohen et al. use 20 on CIFAR-10), >= 1.
+    max_images: stop after this many selected images, >= 0; None: all. A later
+      call with a larger value (or None) continues the same log.
+    split: the dataset split the images are from. None: the run's evaluation
+      split (`certify_workdir`); `certify_dataset` records it when given.
+    data_dir: tfds data dir the split is read from (`certify_workdir`). None:
+      the run's `data_dir`, else $TFDS_DATA_DIR.
+    out_dir: directory of the log, config, table and plot (created if
+      needed). None: `{workdir}/certify` (`certify_workdir`); `certify_dataset`
+      needs one.
+    seed: seed of the noise, any integer; image i uses
+      `fold_in(key(seed), i)`.
+  """
+
+  sigma: float | None = None
+  n0: int = 100
+  n: int = 100_000
+  alpha: float = 0.001
+  batch_size: int = 1000
+  skip: int = 1
+  max_images: int | None = None
+  split: str | None = None
+  data_dir: str | os.PathLike | None = None
+  out_dir: str | os.PathLike | None = None
+  seed: int = 0
+
+  def __post_init__(self):
+    # Normalised in place (numpy scalars to Python numbers) so that the settings
+    # compare and serialise to JSON the same however they were given.
+    set_field = lambda name, value: object.__setattr__(self, name, value)
+    if self.sigma is not None:
+      set_field("sigma", _float_setting(
+          "sigma", self.sigma, lambda v: v > 0,
+          "a finite number > 0 (or None: the run's training sigma)"))
+    for name in ("n0", "n", "batch_size", "skip"):
+      set_field(name, core.require_int(name, getattr(self, name), 1))
+    if self.max_images is not None:
+      set_field("max_images", core.require_int("max_images", self.max_images, 0))
+    set_field("alpha", _float_setting("alpha", self.alpha, lambda v: 0 < v < 1, "in (0, 1)"))
+    if self.split is not None and not (isinstance(self.split, str) and self.split):
+      raise ValueError(f"split must be a split name such as 'test' (or None: the run's "
+                       f"evaluation split), got {self.split!r}")
+    for name in ("data_dir", "out_dir"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+        raise ValueError(f"{name} must be a directory path (or None), got {value!r}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+      raise ValueError(f"seed must be an integer, got {self.seed!r}")
+    set_field("seed", int(self.seed))
+
+
+def _float_setting(name: str, value: Any, is_valid: Callable[[float], bool], valid: str) -> float:
+  """`value` as a float, if it is a finite real number (a bool is not one) that `is_valid`.
+
+  Raises:
+    ValueError: naming `name`, `value` and what is `valid`.
+  """
+  real = (not isinstance(value, bool)
+          and isinstance(value, (int, float, np.integer, np.floating))
+          and math.isfinite(value))
+  if not (real and is_valid(float(value))):
+    raise ValueError(f"{name} must be {valid}, got {value!r}")
+  return float(value)
 
 
 # ----------------------------------------------------------------------------
@@ -336,14 +429,27 @@ def write_comparison(
 # Certification run.
 
 
-def _run_config(sigma, n0, n, alpha, batch_size, skip, seed, key,
-                extra_settings) -> dict[str, Any]:
-  config = {"sigma": float(sigma), "n0": n0, "n": n, "alpha": float(alpha),
-            "batch_size": batch_size, "skip": skip, **(extra_settings or {})}
+# The names a log's config JSON may not take from `extra_settings`.
+_RESERVED_SETTINGS = frozenset(f.name for f in dataclasses.fields(CertifySettings)) | {"key"}
+
+
+def _recorded_settings(settings: CertifySettings, key: jax.Array | None,
+                       extra_settings: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The settings a log depends on, in the order of its config JSON.
+
+  The order and the values are those of every log written so far, so that a
+  log's JSON is rewritten byte for byte when it is resumed.
+  """
+  config = {"sigma": settings.sigma, "n0": settings.n0, "n": settings.n,
+            "alpha": settings.alpha, "batch_size": settings.batch_size, "skip": settings.skip}
+  if settings.split is not None:
+    config["split"] = settings.split
+  config.update(extra_settings or {})
   if key is None:
-    config["seed"] = int(seed)
+    config["seed"] = settings.seed
   else:
-    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
     config["key"] = np.asarray(data).ravel().tolist()
   return config
 
@@ -354,42 +460,29 @@ def _check_or_write_config(path: Path, config: dict[str, Any], resuming: bool) -
     previous = json.loads(path.read_text())
     differing = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
     if differing:
-      details = ", ".join(f"{k}: log has {old!r}, now {new!r}" for k, (old, new) in differing.items())
+      details = ", ".join(f"{k}: log has {old!r}, now {new!r}"
+                          for k, (old, new) in differing.items())
       raise ValueError(
           f"{path.with_suffix('.tsv')} was made with other settings ({details}); "
           "use a new out_dir or the same settings")
   path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _check_nonneg_int(name: str, value: Any, lower: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lower:
-    raise ValueError(f"{name} must be an int >= {lower}, got {value!r}")
-  return int(value)
-
-
 def certify_dataset(
     classify_fn: smoothing.ClassifyFn,
     images: Any,
     labels: Any,
-    out_dir: str | os.PathLike,
-    sigma: float,
+    settings: CertifySettings,
     *,
-    seed: int = 0,
     key: jax.Array | None = None,
     num_classes: int | None = None,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    batch_size: int = 1000,
-    skip: int = 1,
-    max_images: int | None = None,
     sharding: Mesh | NamedSharding | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     log_fn: Callable[[str], None] | None = print,
 ) -> CertificationRun:
   """Certifies every `skip`-th image, resuming an existing log; writes a report.
 
-  Images `0, skip, 2 * skip, ...` (the first `max_images` of them) are
+  Images `0, skip, 2 * skip, ...` (the first `settings.max_images` of them) are
   certified with `smoothing.certify` using key `fold_in(key, idx)`; images
   already in the log are skipped. Then the certified accuracy of the whole log
   at `TABLE_RADII` is printed and saved with its plot.
@@ -400,18 +493,12 @@ def certify_dataset(
     images: `[N, *image_shape]` floating point test inputs: an array, or any
       sequence that yields one image per index (only certified ones are read).
     labels: `[N]` int labels, an array or sequence.
-    out_dir: directory of the log, config, table and plot (created if needed).
-    sigma: noise standard deviation, > 0.
-    seed: base seed when `key` is None.
-    key: optional base PRNG key (overrides `seed`).
+    settings: sigma, n0, n, alpha, batch_size, skip, max_images, seed, and the
+      out_dir the log, config, table and plot go to; sigma and out_dir must be
+      given. `split`, when given, is recorded with the others; `data_dir` is
+      not used (the images are already here).
+    key: optional base PRNG key; overrides `settings.seed`.
     num_classes: K; inferred from classify_fn's output shape if None.
-    n0: selection samples per image.
-    n: estimation samples per image.
-    alpha: failure probability.
-    batch_size: noise samples per classifier call.
-    skip: certify every skip-th image (Cohen et al. use 20 on CIFAR-10).
-    max_images: stop after this many selected images (None: all). A later call
-      with a larger value (or None) continues the same log.
     sharding: optional `Mesh`/`NamedSharding` with a 'data' axis.
     extra_settings: further JSON-serialisable settings the log depends on
       (e.g. the checkpoint step); recorded with the others, and a log made
@@ -422,32 +509,33 @@ def certify_dataset(
   Returns:
     A `CertificationRun` with the output paths and accuracies.
   """
-  sigma = float(sigma)
-  if not (math.isfinite(sigma) and sigma > 0):
-    raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
-  skip = _check_nonneg_int("skip", skip)
-  if max_images is not None:
-    max_images = _check_nonneg_int("max_images", max_images, lower=0)
-  reserved = set(_run_config(sigma, n0, n, alpha, batch_size, skip, seed, key, None))
-  clashing = sorted(reserved.intersection(extra_settings or {}))
+  if not isinstance(settings, CertifySettings):
+    raise TypeError(f"settings must be a CertifySettings, got {type(settings).__name__}")
+  if settings.sigma is None or settings.out_dir is None:
+    raise ValueError(
+        f"certify_dataset needs settings.sigma and settings.out_dir, got sigma="
+        f"{settings.sigma!r} and out_dir={settings.out_dir!r} (only certify_workdir fills them "
+        "in from a training run)")
+  clashing = sorted(_RESERVED_SETTINGS.intersection(extra_settings or {}))
   if clashing:
-    raise ValueError(f"extra_settings may not set {clashing}; they are arguments of their own")
+    raise ValueError(f"extra_settings may not set {clashing}; they are settings of their own")
   if len(images) != len(labels):
-    raise ValueError(f"images and labels must have the same length, got {len(images)} and {len(labels)}")
+    raise ValueError(f"images and labels must have the same length, got {len(images)} and "
+                     f"{len(labels)}")
+  sigma, n, alpha, max_images = settings.sigma, settings.n, settings.alpha, settings.max_images
   say = log_fn or (lambda _: None)
-  base_key = jax.random.key(seed) if key is None else key
+  base_key = jax.random.key(settings.seed) if key is None else key
   if num_classes is None:
     sample = np.asarray(images[0])
     logits = jax.eval_shape(classify_fn, jax.ShapeDtypeStruct((1,) + sample.shape, sample.dtype))
     num_classes = int(logits.shape[-1])
 
-  out_dir = Path(out_dir)
+  out_dir = Path(settings.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = log_path(out_dir, sigma)
   resuming = path.exists() and path.stat().st_size > 0
   _check_or_write_config(config_path(out_dir, sigma),
-                         _run_config(sigma, n0, n, alpha, batch_size, skip, seed, key,
-                                     extra_settings), resuming)
+                         _recorded_settings(settings, key, extra_settings), resuming)
   if resuming:
     _repair_log(path)
     done = set(read_log(path).idx.tolist())
@@ -455,7 +543,7 @@ def certify_dataset(
     path.write_text(HEADER + "\n")
     done = set()
 
-  selected = range(0, len(images), skip)
+  selected = range(0, len(images), settings.skip)
   if max_images is not None:
     selected = selected[:max_images]
   todo = [i for i in selected if i not in done]
@@ -467,7 +555,7 @@ def certify_dataset(
       start = time.perf_counter()
       result = smoothing.certify(
           classify_fn, images[idx], jax.random.fold_in(base_key, idx), sigma, num_classes,
-          n0=n0, n=n, alpha=alpha, batch_size=batch_size, sharding=sharding)
+          n0=settings.n0, n=n, alpha=alpha, batch_size=settings.batch_size, sharding=sharding)
       elapsed = time.perf_counter() - start
       label = int(labels[idx])
       correct = int(result.prediction == label)
@@ -480,7 +568,8 @@ def certify_dataset(
 
   log = read_log(path)
   if len(log.idx) == 0:
-    raise ValueError(f"no images were certified (len(images)={len(images)}, max_images={max_images})")
+    raise ValueError(f"no images were certified (len(images)={len(images)}, "
+                     f"max_images={max_images})")
   accuracies = accuracy_table(log, TABLE_RADII)
   title = f"sigma={sigma:g}, n={n}, alpha={alpha:g}, {len(log.idx)} images"
   say(format_accuracy_table(TABLE_RADII, {"certified acc": accuracies},
@@ -530,31 +619,23 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return config
 
 
-def _eval_split(config: ml_collections.ConfigDict) -> str:
-  return image.EVAL_SPLITS.get(config.dataset, "test")
-
-
-def _data_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str | None:
+def _data_dir(config: ml_collections.ConfigDict,
+              data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
   """`data_dir`, else the run's, else None ($TFDS_DATA_DIR or tfds's default)."""
   return data_dir or config.get("data_dir") or None
-
-
-def _replicated(sharding: Mesh | NamedSharding) -> NamedSharding:
-  mesh = sharding if isinstance(sharding, Mesh) else sharding.mesh
-  return NamedSharding(mesh, PartitionSpec())
 
 
 def classifier_from_workdir(
     workdir: str | os.PathLike,
     *,
-    data_dir: str | None = None,
+    data_dir: str | os.PathLike | None = None,
     step: int | None = None,
-    sharding: Mesh | NamedSharding | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainedClassifier:
   """The base classifier of an image training run, from its config and a checkpoint.
 
   Reads `{workdir}/config.json` and the newest checkpoint (or `step`),
-  rebuilds the model, and returns
+  rebuilds the model (`trainer.image.build_model`), and returns
 
       classify_fn(x) = model(normalize(x, mean, std); params, batch_stats),
 
@@ -567,25 +648,24 @@ def classifier_from_workdir(
     data_dir: tfds data dir; default the run's `data_dir`, else
       $TFDS_DATA_DIR.
     step: which checkpoint; default the newest.
-    sharding: the `Mesh`/`NamedSharding` the noise batches will be split
-      over; the weights are replicated on its devices. None: the first local
-      device.
+    mesh: the mesh the noise batches will be split over; the weights are
+      replicated on its devices. None: the first local device.
 
   Returns:
     A `TrainedClassifier`.
   """
   config = read_run_config(workdir)
-  dataset = input_pipeline.load_dataset(
-      config.dataset, _eval_split(config), _data_dir(config, data_dir), cache=False)
+  dataset = image_data.load_dataset(
+      config.dataset, image_data.eval_split(config.dataset), _data_dir(config, data_dir),
+      cache=False)
   tree = checkpointing.load_arrays(os.fspath(workdir), step=step)
-  model = models.create_model(config.model, num_classes=dataset.num_classes,
-                              dtype=image.DTYPES[config.dtype])
+  model = image.build_model(config, dataset.num_classes)
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):
     variables["batch_stats"] = tree["batch_stats"]
-  if sharding is not None:
-    variables = jax.device_put(variables, _replicated(sharding))
-  mean, std = image.DATASET_STATS[config.dataset]
+  if mesh is not None:
+    variables = jax.device_put(variables, core.replicated(mesh))
+  mean, std = image_data.DATASET_STATS[config.dataset]
 
   def classify_fn(images: jax.Array) -> jax.Array:
     return model.apply(variables, augment_lib.normalize(images, mean, std), train=False)
@@ -611,7 +691,7 @@ class _DecodedColumn:
   reads only the images that are certified (every skip-th, not yet logged).
   """
 
-  def __init__(self, dataset: input_pipeline.ImageDataset, field: str,
+  def __init__(self, dataset: image_data.ImageDataset, field: str,
                convert: Callable[[np.ndarray], Any]):
     self._dataset = dataset
     self._field = field
@@ -624,112 +704,67 @@ class _DecodedColumn:
     return self._convert(self._dataset.get_batch(np.array([index]))[self._field][0])
 
 
-def _unit_float(image_uint8: np.ndarray) -> np.ndarray:
-  """uint8 pixels -> float32 in [0, 1], as `trainer.image.to_unit_float`."""
-  return image_uint8.astype(np.float32) / np.float32(255.0)
-
-
 def certify_workdir(
     workdir: str | os.PathLike,
+    settings: CertifySettings = CertifySettings(),
     *,
-    sigma: float | None = None,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    batch_size: int = 1000,
-    skip: int = 1,
-    max_images: int | None = None,
-    split: str | None = None,
-    data_dir: str | None = None,
-    out_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    devices: Sequence[jax.Device] | None = None,
+    mesh: Mesh | None = None,
     log_fn: Callable[[str], None] | None = print,
 ) -> CertificationRun:
   """Certifies the smoothed classifier of an image training run on its test split.
 
   The base classifier is `classifier_from_workdir(workdir)`; every `skip`-th
-  test image is certified with `certify_dataset`, each noise batch split over
-  `devices`. Calling again with the same arguments resumes the log; a log
-  made from another checkpoint or split is refused.
+  image of the split is certified with `certify_dataset`, each noise batch
+  split over `mesh`. Calling again with the same settings resumes the log; a
+  log made from another checkpoint or split is refused.
 
   Args:
     workdir: the training run's directory.
-    sigma: smoothing noise level in [0, 1] pixel units; default the run's
-      `augment.gaussian_sigma`.
-    n0, n, alpha, batch_size, skip, max_images, seed: as in `certify_dataset`.
-    split: dataset split; default the run's evaluation split ('test';
-      'validation' for ImageNet).
-    data_dir: tfds data dir; default the run's `data_dir`, else
-      $TFDS_DATA_DIR.
-    out_dir: where the log, table and plot go; default `{workdir}/certify`.
-    devices: devices to split each noise batch over (default all);
-      `batch_size` must be a multiple of their number.
+    settings: what to certify and how; the fields left None are the run's:
+      sigma its `augment.gaussian_sigma`, split its evaluation split ('test';
+      'validation' for ImageNet), data_dir its `data_dir` (else
+      $TFDS_DATA_DIR), and out_dir is `{workdir}/certify`.
+    mesh: the mesh each noise batch is split over along its 'data' axis;
+      default `core.create_mesh()`, all devices. `settings.batch_size` must
+      be a multiple of its size.
     log_fn: progress and the final table; None for silence.
 
   Returns:
     The `CertificationRun` of `certify_dataset`.
   """
   config = read_run_config(workdir)
-  if sigma is None:
-    sigma = config.augment.get("gaussian_sigma", 0.0)
-    if not sigma:
-      raise ValueError(
-          f"{workdir} was trained without Gaussian noise (augment.gaussian_sigma=0); "
-          "give the smoothing sigma explicitly")
-  sharding = smoothing.data_sharding(devices)
-  num_devices = sharding.mesh.size
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 \
-      or batch_size % num_devices:
-    raise ValueError(f"batch_size={batch_size!r}; must be a positive multiple of the "
-                     f"{num_devices} devices the noise batch is split over")
-  split = split or _eval_split(config)
-  data_dir = _data_dir(config, data_dir)
-  dataset = input_pipeline.load_dataset(config.dataset, split, data_dir, cache=False)
-  classifier = classifier_from_workdir(workdir, data_dir=data_dir, sharding=sharding)
-  out_dir = Path(workdir) / "certify" if out_dir is None else Path(out_dir)
+  if settings.sigma is None and not config.augment.get("gaussian_sigma", 0.0):
+    raise ValueError(
+        f"{workdir} was trained without Gaussian noise (augment.gaussian_sigma=0); "
+        "give the smoothing sigma explicitly")
+  settings = dataclasses.replace(
+      settings,
+      sigma=config.augment.gaussian_sigma if settings.sigma is None else settings.sigma,
+      split=settings.split or image_data.eval_split(config.dataset),
+      data_dir=_data_dir(config, settings.data_dir),
+      out_dir=Path(workdir) / "certify" if settings.out_dir is None else settings.out_dir)
+  mesh = core.create_mesh() if mesh is None else mesh
+  if settings.batch_size % mesh.size:
+    raise ValueError(f"batch_size={settings.batch_size}; must be a multiple of the "
+                     f"{mesh.size} devices the noise batch is split over")
+  dataset = image_data.load_dataset(config.dataset, settings.split, settings.data_dir,
+                                    cache=False)
+  classifier = classifier_from_workdir(workdir, data_dir=settings.data_dir, mesh=mesh)
   if log_fn is not None:
     log_fn(f"certifying {config.model} from {workdir} (step {classifier.step}) on "
-           f"{config.dataset}/{split}: sigma={sigma:g} n0={n0} n={n} alpha={alpha:g} "
-           f"skip={skip}, {num_devices} device(s)")
+           f"{config.dataset}/{settings.split}: sigma={settings.sigma:g} n0={settings.n0} "
+           f"n={settings.n} alpha={settings.alpha:g} skip={settings.skip}, "
+           f"{mesh.size} device(s)")
+  # On a host uint8 array `to_unit_float` divides in numpy: the float32 quotients x / 255
+  # every log was made with. XLA may divide by multiplying with 1/255 instead, which
+  # differs in the last bit for some pixels.
   return certify_dataset(
       classifier.classify_fn,
-      _DecodedColumn(dataset, "image", _unit_float),
+      _DecodedColumn(dataset, "image", image_data.to_unit_float),
       _DecodedColumn(dataset, "label", int),
-      out_dir,
-      sigma,
-      seed=seed,
+      settings,
       num_classes=classifier.num_classes,
-      n0=n0,
-      n=n,
-      alpha=alpha,
-      batch_size=batch_size,
-      skip=skip,
-      max_images=max_images,
-      sharding=sharding,
-      extra_settings={"split": split, "checkpoint_step": classifier.step},
+      sharding=mesh,
+      extra_settings={"checkpoint_step": classifier.step},
       log_fn=log_fn,
   )
-
-
-# ----------------------------------------------------------------------------
-# Command line: regenerate tables and plots from logs.
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m trainer.certification LOG.tsv [LOG.tsv ...] --out PREFIX`."""
-  parser = argparse.ArgumentParser(
-      description="Certified-accuracy table and plot from certification logs.")
-  parser.add_argument("logs", nargs="+", help="certify_sigma*.tsv files")
-  parser.add_argument("--labels", nargs="+", help="one legend label per log (default: file paths)")
-  parser.add_argument("--out", required=True, help="output prefix; writes PREFIX.tsv and PREFIX.png")
-  parser.add_argument("--title", default="Certified accuracy")
-  args = parser.parse_args(argv)
-  labels = args.labels or args.logs
-  if len(labels) != len(args.logs):
-    parser.error(f"--labels needs one label per log ({len(args.logs)}), got {len(labels)}")
-  write_comparison(dict(zip(labels, args.logs)), args.out, args.title)
-
-
-if __name__ == "__main__":
-  main()
