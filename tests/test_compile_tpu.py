@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import hardware
-from trainer import compile_report, image
+from trainer import compile_report, image, image_data
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -41,7 +41,7 @@ def report():
 def one_chip_maxup_step(**overrides):
   config = small_config("tpu_v5e_1", **overrides)
   mesh = compile_report.topology_mesh("v5e:1x1")
-  steps = image.build_steps(config, mesh, image.published_dataset_facts(config))
+  steps = image.build_steps(config, mesh, image_data.published_dataset_facts(config.dataset))
   args = (steps.abstract_state, steps.abstract_batch(config.batch_size), steps.abstract_key())
   return compile_report.compile_program("train_maxup", steps.train_steps[NUM_COPIES], args,
                                         compile_report.CHIPS["v5e"], 1)
@@ -129,7 +129,7 @@ def test_a_step_too_big_for_the_chip_is_reported_as_not_fitting():
   # 8192 ImageNet-size images a step: gigabytes of activations per convolution.
   config = small_config("tpu_v5e_1", dataset="imagenet2012", batch_size=8192)
   mesh = compile_report.topology_mesh("v5e:1x1")
-  steps = image.build_steps(config, mesh, image.published_dataset_facts(config))
+  steps = image.build_steps(config, mesh, image_data.published_dataset_facts(config.dataset))
   args = (steps.abstract_state, steps.abstract_batch(config.batch_size), steps.abstract_key())
   chip = compile_report.CHIPS["v5e"]
   program = compile_report.compile_program("big", steps.train_steps[1], args, chip, 1)

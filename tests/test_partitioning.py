@@ -16,13 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import cifar10_resnet20, ptb_small_lstm
-from maxup_jax import augment, losses, maxup_loss, models, smoothing
-from trainer import image, language
+from maxup_jax import augment, losses, maxup_loss, smoothing
+from trainer import core, image, image_data, language
 
 NUM_DEVICES = 4
 SLACK = 1.05
@@ -222,25 +221,17 @@ def test_certification_noise_batch_splits():
 
 
 def image_step(num_copies, mode):
+  """The image task's train step (`image.build_steps`) on ResNet-8, with a batch to run it on."""
   config = cifar10_resnet20.get_config()
-  model = models.create_model("resnet8", num_classes=10)
-  tx = optax.sgd(0.1, momentum=0.9)
-  step = lambda state, batch, key: image.train_step(
-      state, batch, key, model=model, tx=tx,
-      augmentation=image.make_augmentation(config, 10), num_copies=num_copies, mode=mode)
-  state = jax.eval_shape(lambda: image.TrainState(
-      step=jnp.zeros((), jnp.int32), **_image_variables(model, tx)))
+  config.model, config.batch_size = "resnet8", BATCH
+  config.maxup.num_copies, config.maxup.mode = num_copies, mode
+  steps = image.build_steps(config, core.create_mesh(1),
+                            image_data.published_dataset_facts("cifar10"))
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), steps.abstract_state)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8),
            "label": rng.integers(0, 10, (BATCH,), dtype=np.int32)}
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
-  return step, (state, batch, jax.random.key(4))
-
-
-def _image_variables(model, tx):
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  return dict(params=variables["params"], batch_stats=variables["batch_stats"],
-              opt_state=tx.init(variables["params"]))
+  return steps.train_steps[num_copies], (state, batch, jax.random.key(4))
 
 
 @pytest.mark.parametrize("mode,explicit", [("two_pass", False), ("single_pass", False),
@@ -258,17 +249,18 @@ LM_DIM = 32
 
 
 def language_step(num_copies, mode):
+  """The language task's train step (`language.build_steps`), with a segment to run it on."""
   config = ptb_small_lstm.get_config()
   config.model.embed_dim = config.model.hidden_dim = LM_DIM
   config.maxup.num_copies, config.maxup.mode = num_copies, mode
+  config.batch_size = LM_STREAMS
   vocab_size, seq_len = 100, LM_SEQ_LEN
-  model = language.create_model(config, vocab_size)
-  state = language.initial_train_state(model, LM_STREAMS, jax.random.key(0))
-  step_fn = language.make_train_step(config, model)
+  steps = language.build_steps(config, core.create_mesh(1), vocab_size)
+  step_fn = steps.train_steps[num_copies]
   tokens = np.random.default_rng(0).integers(0, vocab_size, (LM_STREAMS, seq_len + 1))
   batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
   return lambda state, batch, key: step_fn(state, batch, jnp.int32(seq_len), key), (
-      state, batch, jax.random.key(5))
+      steps.init_fn(), batch, jax.random.key(5))
 
 
 @functools.cache

@@ -1,17 +1,13 @@
 """The training step compiles once per num_copies value and never again."""
 
-import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import cifar10_resnet20
-from maxup_jax import models
-from trainer import image
-from trainer import mesh as mesh_lib
+from trainer import core, image, image_data
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "tfds"
@@ -32,22 +28,6 @@ def backend_compiles():
   jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def small_setup(batch_size=16):
-  config = cifar10_resnet20.get_config()
-  config.model = "small_cnn"
-  config.batch_size = batch_size
-  model = models.create_model("small_cnn", num_classes=10)
-  mesh = mesh_lib.create_mesh(1)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  key = jax.random.key(0)
-  variables = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
-  tx = image.make_optimizer(config, image.make_schedule(config, 10), variables)
-  state = image.initial_state(model, tx, (32, 32, 3), key, replicated)
-  augmentation = image.make_augmentation(config, 10)
-  return config, model, tx, augmentation, state, data_sharding
-
-
 def random_batch(rng, batch_size, sharding):
   return jax.device_put({
       "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
@@ -56,36 +36,36 @@ def random_batch(rng, batch_size, sharding):
 
 
 @pytest.mark.parametrize("mode", image.MODES)
-def test_train_step_compiles_once_per_num_copies(mode, backend_compiles):
-  config, model, tx, augmentation, state, data_sharding = small_setup()
+def test_train_step_compiles_once_per_num_copies(mode, backend_compiles, monkeypatch):
   traces = {1: 0, 3: 0}
+  original = image.train_step
 
-  def counted_step(state, batch, key, **kwargs):
+  def counted_train_step(state, batch, key, **kwargs):
     traces[kwargs["num_copies"]] += 1  # Runs only while tracing.
-    return image.train_step(state, batch, key, **kwargs)
+    return original(state, batch, key, **kwargs)
 
-  step_fns = {
-      m: jax.jit(functools.partial(counted_step, model=model, tx=tx, augmentation=augmentation,
-                                   num_copies=m, mode=mode),
-                 donate_argnums=0)
-      for m in traces
-  }
+  monkeypatch.setattr(image, "train_step", counted_train_step)
+  config = cifar10_resnet20.get_config()
+  config.model, config.batch_size = "small_cnn", 16
+  config.maxup.num_copies, config.maxup.mode = 3, mode
+  steps = image.build_steps(config, core.create_mesh(1),
+                            image_data.published_dataset_facts("cifar10"))
+  state = steps.init_state()
   rng = np.random.default_rng(0)
-  train_key = jax.random.key(1)
   # The schedule of train_and_evaluate: standard augmentation first, then MaxUp.
   seen = set()
   for step, m in enumerate([1, 1, 1, 3, 3, 3]):
     compiles_before = len(backend_compiles)
-    batch = random_batch(rng, config.batch_size, data_sharding)
-    state, metrics = step_fns[m](state, batch, jax.random.fold_in(train_key, step))
+    batch = random_batch(rng, config.batch_size, steps.data_sharding)
+    state, metrics = steps.train_steps[m](state, batch, jax.random.fold_in(steps.train_key, step))
     jax.block_until_ready(metrics)
     if m in seen:
       assert len(backend_compiles) == compiles_before, f"step {step} (m={m}) recompiled"
     seen.add(m)
 
   assert traces == {1: 1, 3: 1}
-  assert step_fns[1]._cache_size() == 1
-  assert step_fns[3]._cache_size() == 1
+  assert steps.train_steps[1]._cache_size() == 1
+  assert steps.train_steps[3]._cache_size() == 1
   assert int(state.step) == 6
 
 

@@ -65,25 +65,25 @@ def test_nt_asgd_triggers_when_worse_than_the_best_before_the_last_nonmono():
 
 def test_end_of_epoch_switches_to_asgd_then_restarts_then_stops():
   kwargs = dict(num_epochs=5, finetune_epochs=10, num_restarts=1, nonmono=1)
-  progress = language.Progress()
-  progress, t = language.end_of_epoch(progress, 5.0, averaging=False, **kwargs)
+  nt_asgd = language.NTASGDState()
+  nt_asgd, t = language.end_of_epoch(nt_asgd, 5.0, averaging=False, **kwargs)
   assert t == language.Transition(improved=True, start_averaging=False, restart=False)
   for loss in (4.0, 4.5):  # 4.5 is better than 5.0, the best before the last evaluation.
-    progress, t = language.end_of_epoch(progress, loss, averaging=False, **kwargs)
+    nt_asgd, t = language.end_of_epoch(nt_asgd, loss, averaging=False, **kwargs)
     assert not t.start_averaging
-  progress, t = language.end_of_epoch(progress, 4.3, averaging=False, **kwargs)
+  nt_asgd, t = language.end_of_epoch(nt_asgd, 4.3, averaging=False, **kwargs)
   assert t == language.Transition(improved=False, start_averaging=True, restart=False)
-  assert progress.history == (5.0, 4.0, 4.5, 4.3) and progress.best_val_loss == 4.0
+  assert nt_asgd.history == (5.0, 4.0, 4.5, 4.3) and nt_asgd.best_val_loss == 4.0
   # During ASGD the history no longer grows; the phase ends after num_epochs.
-  progress, t = language.end_of_epoch(progress, 3.0, averaging=True, **kwargs)
+  nt_asgd, t = language.end_of_epoch(nt_asgd, 3.0, averaging=True, **kwargs)
   assert t == language.Transition(improved=True, start_averaging=False, restart=True)
-  assert (progress.phase, progress.phase_epochs, progress.history, progress.epoch) == (1, 0, (), 5)
+  assert (nt_asgd.phase, nt_asgd.phase_epochs, nt_asgd.history, nt_asgd.epoch) == (1, 0, (), 5)
   # Fine-tuning ends on the non-monotone criterion; the best loss carries over.
   for loss in (3.5, 3.2, 3.4):
-    progress, t = language.end_of_epoch(progress, loss, averaging=True, **kwargs)
-    assert not progress.finished
-  progress, t = language.end_of_epoch(progress, 3.6, averaging=True, **kwargs)
-  assert progress.finished and not t.restart and progress.best_val_loss == 3.0
+    nt_asgd, t = language.end_of_epoch(nt_asgd, loss, averaging=True, **kwargs)
+    assert not nt_asgd.finished
+  nt_asgd, t = language.end_of_epoch(nt_asgd, 3.6, averaging=True, **kwargs)
+  assert nt_asgd.finished and not t.restart and nt_asgd.best_val_loss == 3.0
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ TASKS = ("image", "language")
 
 def run(config, workdir: str) -> dict:
   """Runs the task a config names; returns its summary."""
-  task = config.get("task", "image")
+  task = config.task
   if task == "image":
     from trainer import image
     return image.train_and_evaluate(config, workdir)

@@ -54,7 +54,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     manager: from `create_manager`.
     step: the checkpoint's step.
     state: a pytree of arrays.
-    data_iterator: a grain DatasetIterator (e.g. input_pipeline.train_iterator)
+    data_iterator: a grain DatasetIterator (e.g. image_batches.train_iterator)
       positioned at `step`; every process saves its own state.
   """
   items = {STATE_ITEM: ocp.args.StandardSave(state)}

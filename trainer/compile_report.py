@@ -35,7 +35,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.extend.core as jex_core
@@ -45,8 +45,7 @@ import numpy as np
 from configs import hardware
 from maxup_jax import augment as augment_lib
 from maxup_jax import smoothing
-from trainer import image, language, text_data
-from trainer import mesh as mesh_lib
+from trainer import core, image, image_data, language, text_data
 
 GIB = 2**30
 
@@ -125,7 +124,7 @@ def topology_devices(topology: str, megacore: bool = False) -> list:
 
 def topology_mesh(topology: str, megacore: bool = False) -> jax.sharding.Mesh:
   """A one-axis ('data') mesh over the devices of a TPU slice, as training runs on."""
-  return jax.sharding.Mesh(np.array(topology_devices(topology, megacore)), (mesh_lib.DATA_AXIS,))
+  return jax.sharding.Mesh(np.array(topology_devices(topology, megacore)), (core.DATA_AXIS,))
 
 
 # ---------------------------------------------------------------------------
@@ -409,7 +408,7 @@ def compile_config(config, config_name: str = "", *, try_fit_options: bool = Tru
   preset_name, preset = _preset_of(config)
   chip = chip_of(preset.topology)
   mesh = mesh if mesh is not None else topology_mesh(preset.topology, preset.megacore)
-  task = config.get("task", "image")
+  task = config.task
   report = Report(config_name=config_name, preset=preset_name, topology=preset.topology,
                   chip=chip.name, chips=mesh.size, hbm_bytes=chip.hbm_bytes, task=task,
                   unit="images" if task == "image" else "tokens",
@@ -439,7 +438,8 @@ def compile_config(config, config_name: str = "", *, try_fit_options: bool = Tru
 
 
 def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
-  facts = image.published_dataset_facts(config)
+  facts = image_data.published_dataset_facts(
+      config.dataset, config.num_train_examples, config.num_eval_examples)
   image.validate_config(config, mesh.size)
   steps = image.build_steps(config, mesh, facts)
   m = config.maxup.num_copies
@@ -521,7 +521,7 @@ def _smoothing_program(config, steps, mesh, chip) -> Program:
   `certification.classifier_from_workdir` builds it.
   """
   model, facts = steps.model, steps.facts
-  mean, std = image.DATASET_STATS[config.dataset]
+  mean, std = image_data.DATASET_STATS[config.dataset]
   replicated = steps.replicated
 
   def batch(variables, counts, x, key, batch_index, num_samples, sigma):
@@ -602,7 +602,7 @@ def _language_report(report, config, mesh, chip, include_eval):
                                               (steps.abstract_state.params, segments), chip,
                                               mesh.size)
   # Epoch 0's segments (a function of the seed): each step's time scaled by its padded length.
-  segments = language.epoch_segments(config, counts.train // config.batch_size, 0)
+  segments = steps.epoch_segments(counts.train // config.batch_size, 0)
   padded = np.array([text_data.padded_length(int(n), config.seq_len_bucket)
                      for n in segments[:, 1]])
   t_step = report.programs.get("train_maxup", report.programs["train_standard"]).roofline_seconds

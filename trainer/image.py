@@ -25,61 +25,11 @@ from maxup_jax import augment as augment_lib
 from maxup_jax import losses
 from maxup_jax import models
 from maxup_jax.maxup import MODES, maxup_loss
-from trainer import checkpointing, input_pipeline, loop
-from trainer import mesh as mesh_lib
+from trainer import checkpointing, core, image_batches, image_data, loop
 from trainer import metrics as metrics_lib
+from trainer.image_data import DatasetFacts
 
-# Per-channel mean and std of the training images in [0, 1] pixel scale.
-DATASET_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("piecewise", "cosine", "constant")
-EVAL_SPLITS = {"imagenet2012": "validation"}
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetFacts:
-  """What the model, the steps and the schedule need to know of a dataset.
-
-  Attributes:
-    num_classes: label classes.
-    image_shape: (H, W, C) of the images the input pipeline yields.
-    num_train_examples: examples in the training set a run walks through.
-    num_eval_examples: examples in the evaluation split (test, or ImageNet's validation).
-  """
-
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train_examples: int
-  num_eval_examples: int
-
-
-# The full training splits as the input pipeline yields them (ImageNet as its
-# 224 x 224 crops), for building the steps without reading any data
-# (`trainer.compile_report`); a run uses the facts of the data it loaded.
-PUBLISHED_DATASET_FACTS = {
-    "cifar10": DatasetFacts(10, (32, 32, 3), 50_000, 10_000),
-    "cifar100": DatasetFacts(100, (32, 32, 3), 50_000, 10_000),
-    "mnist": DatasetFacts(10, (28, 28, 1), 60_000, 10_000),
-    "imagenet2012": DatasetFacts(1000, (224, 224, 3), 1_281_167, 50_000),
-}
-
-
-def published_dataset_facts(config) -> DatasetFacts:
-  """`config.dataset`'s published facts, cut to `config.num_train_examples` and
-  `config.num_eval_examples` where set, as the input pipeline cuts them."""
-  facts = PUBLISHED_DATASET_FACTS[config.dataset]
-  if config.num_train_examples:
-    facts = dataclasses.replace(
-        facts, num_train_examples=min(facts.num_train_examples, config.num_train_examples))
-  if config.num_eval_examples:
-    facts = dataclasses.replace(
-        facts, num_eval_examples=min(facts.num_eval_examples, config.num_eval_examples))
-  return facts
 
 
 @flax.struct.dataclass
@@ -95,86 +45,67 @@ class TrainState:
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ValueError naming the bad field and what would be valid."""
-  errors = []
-
-  def check(ok, message):
-    if not ok:
-      errors.append(message)
-
-  check(config.dataset in input_pipeline.DATASETS,
-        f"dataset={config.dataset!r}; valid: {sorted(input_pipeline.DATASETS)}")
+  """Raises ValueError naming every bad field and what would be valid."""
+  errors = core.ConfigErrors()
+  errors.one_of("dataset", config.dataset, sorted(image_data.DATASETS))
   try:
     models.create_model(config.model, num_classes=10)
   except ValueError as e:
-    errors.append(f"model={config.model!r}: {e}")
-  check(config.dtype in DTYPES, f"dtype={config.dtype!r}; valid: {sorted(DTYPES)}")
-  check(loop.is_int_at_least(config.batch_size, 1),
-        f"batch_size={config.batch_size!r}; must be a positive int")
-  if loop.is_int_at_least(config.batch_size, 1):
-    check(config.batch_size % num_devices == 0,
-          f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
-          f"use a multiple of {num_devices}")
-  check(config.num_epochs > 0, f"num_epochs={config.num_epochs}; must be > 0")
-  check(config.learning_rate >= 0, f"learning_rate={config.learning_rate}; must be >= 0")
-  check(config.lr_schedule in SCHEDULES,
-        f"lr_schedule={config.lr_schedule!r}; valid: {list(SCHEDULES)}")
-  check(config.weight_decay >= 0, f"weight_decay={config.weight_decay}; must be >= 0")
+    errors.check(False, f"model={config.model!r}: {e}")
+  errors.one_of("dtype", config.dtype, sorted(core.DTYPES))
+  errors.int_at_least("batch_size", config.batch_size, 1)
+  errors.divisible_batch("batch_size", config.batch_size, num_devices)
+  errors.check(config.num_epochs > 0, f"num_epochs={config.num_epochs}; must be > 0")
+  errors.at_least("learning_rate", config.learning_rate, 0)
+  errors.one_of("lr_schedule", config.lr_schedule, SCHEDULES)
+  errors.at_least("weight_decay", config.weight_decay, 0)
   maxup = config.maxup
-  check(loop.is_int_at_least(maxup.num_copies, 1),
-        f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
-  check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
-  check(maxup.warmup_epochs >= 0, f"maxup.warmup_epochs={maxup.warmup_epochs}; must be >= 0")
-  check(loop.is_int_at_least(maxup.copies_per_pass, 1),
-        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 1 (num_copies or "
-        "more = all copies in one vmapped pass)")
-  check(maxup.copies_per_pass == 1 or num_devices == 1,
-        f"maxup.copies_per_pass={maxup.copies_per_pass} vmaps copies together, which XLA does "
-        f"not split over the {num_devices} devices; use 1 on several devices")
-  check(maxup.selection_dtype in ("",) + tuple(DTYPES),
-        f"maxup.selection_dtype={maxup.selection_dtype!r}; valid: '' (= dtype) or {sorted(DTYPES)}")
+  errors.int_at_least("maxup.num_copies", maxup.num_copies, 1, "1 = no MaxUp")
+  errors.one_of("maxup.mode", maxup.mode, MODES)
+  errors.at_least("maxup.warmup_epochs", maxup.warmup_epochs, 0)
+  errors.int_at_least("maxup.copies_per_pass", maxup.copies_per_pass, 1,
+                      "num_copies or more = all copies in one vmapped pass")
+  errors.check(maxup.copies_per_pass == 1 or num_devices == 1,
+               f"maxup.copies_per_pass={maxup.copies_per_pass} vmaps copies together, which XLA "
+               f"does not split over the {num_devices} devices; use 1 on several devices")
+  errors.one_of("maxup.selection_dtype", maxup.selection_dtype, ("",) + tuple(core.DTYPES))
   aug = config.augment
-  check(aug.gaussian_sigma >= 0, f"augment.gaussian_sigma={aug.gaussian_sigma}; must be >= 0")
-  check(aug.cutout_length >= 0, f"augment.cutout_length={aug.cutout_length}; must be >= 0 (0 = off)")
-  check(aug.crop_padding >= 0, f"augment.crop_padding={aug.crop_padding}; must be >= 0 (0 = off)")
-  check(aug.flip or not aug.crop_padding,
-        f"augment.crop_padding={aug.crop_padding} needs augment.flip=True (crop and flip "
-        "come together, as in the CIFAR pipeline)")
-  check(aug.cutmix_alpha >= 0, f"augment.cutmix_alpha={aug.cutmix_alpha}; must be >= 0 (0 = off)")
-  check(aug.mixup_alpha >= 0, f"augment.mixup_alpha={aug.mixup_alpha}; must be >= 0 (0 = off)")
-  check(not (aug.cutmix_alpha > 0 and aug.mixup_alpha > 0),
-        "augment.cutmix_alpha and augment.mixup_alpha are both set; choose one")
-  check(config.num_train_examples >= 0,
-        f"num_train_examples={config.num_train_examples}; must be >= 0 (0 = all)")
+  errors.at_least("augment.gaussian_sigma", aug.gaussian_sigma, 0)
+  errors.at_least("augment.cutout_length", aug.cutout_length, 0, "0 = off")
+  errors.at_least("augment.crop_padding", aug.crop_padding, 0, "0 = off")
+  errors.check(aug.flip or not aug.crop_padding,
+               f"augment.crop_padding={aug.crop_padding} needs augment.flip=True (crop and flip "
+               "come together, as in the CIFAR pipeline)")
+  errors.at_least("augment.cutmix_alpha", aug.cutmix_alpha, 0, "0 = off")
+  errors.at_least("augment.mixup_alpha", aug.mixup_alpha, 0, "0 = off")
+  errors.check(not (aug.cutmix_alpha > 0 and aug.mixup_alpha > 0),
+               "augment.cutmix_alpha and augment.mixup_alpha are both set; choose one")
+  errors.at_least("num_train_examples", config.num_train_examples, 0, "0 = all")
   if config.num_train_examples:
-    check(config.num_train_examples >= config.batch_size,
-          f"num_train_examples={config.num_train_examples} is smaller than one batch "
-          f"({config.batch_size})")
-  check(config.train_eval_examples >= 0,
-        f"train_eval_examples={config.train_eval_examples}; must be >= 0 (0 = off)")
+    errors.check(config.num_train_examples >= config.batch_size,
+                 f"num_train_examples={config.num_train_examples} is smaller than one batch "
+                 f"({config.batch_size})")
+  errors.at_least("train_eval_examples", config.train_eval_examples, 0, "0 = off")
   if config.num_train_examples:
-    check(config.train_eval_examples <= config.num_train_examples,
-          f"train_eval_examples={config.train_eval_examples} exceeds the "
-          f"num_train_examples={config.num_train_examples} the run trains on")
-  check(config.num_eval_examples >= 0,
-        f"num_eval_examples={config.num_eval_examples}; must be >= 0 (0 = all)")
-  check(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0
-        and config.eval_batch_size % num_devices == 0,
-        f"eval_batch_size={config.eval_batch_size!r}; must be a positive multiple of the "
-        f"{num_devices} devices")
-  check(isinstance(config.input_workers, int) and config.input_workers >= 0,
-        f"input_workers={config.input_workers!r}; must be an int >= 0 (0 = in this process)")
-  errors += loop.config_errors(config, num_devices)
-  if errors:
-    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    errors.check(config.train_eval_examples <= config.num_train_examples,
+                 f"train_eval_examples={config.train_eval_examples} exceeds the "
+                 f"num_train_examples={config.num_train_examples} the run trains on")
+  errors.at_least("num_eval_examples", config.num_eval_examples, 0, "0 = all")
+  if errors.int_at_least("eval_batch_size", config.eval_batch_size, 1):
+    errors.divisible_batch("eval_batch_size", config.eval_batch_size, num_devices)
+  errors.int_at_least("input_workers", config.input_workers, 0, "0 = in this process")
+  loop.check_config(errors, config, num_devices)
+  errors.raise_if_any()
 
 
 # ---------------------------------------------------------------------------
 # Pieces built from the config.
 
 
-def make_augmentation(config, num_classes: int) -> augment_lib.Augmentation:
-  """The per-copy perturbation P(.|x), applied on device to [0, 1] float images.
+def make_augmentation(augment: ml_collections.ConfigDict, dataset: str,
+                      num_classes: int) -> augment_lib.Augmentation:
+  """The per-copy perturbation P(.|x) of a config's `augment` section, applied on device to
+  [0, 1] float images of `dataset` (whose statistics normalise them).
 
   CutMix / Mixup come first, so that a copy's partner is a clean example and
   copy i depends on keys[i] alone (the gradient pass swaps every other
@@ -183,52 +114,59 @@ def make_augmentation(config, num_classes: int) -> augment_lib.Augmentation:
   smoothing certifies), normalisation, and Cutout, whose zeros are thus the
   dataset mean.
   """
-  aug = config.augment
-  mean, std = DATASET_STATS[config.dataset]
+  mean, std = image_data.DATASET_STATS[dataset]
   steps = []
-  if aug.cutmix_alpha:
-    steps.append(augment_lib.cutmix(aug.cutmix_alpha, num_classes=num_classes))
-  if aug.mixup_alpha:
-    steps.append(augment_lib.mixup(aug.mixup_alpha, num_classes=num_classes))
-  if aug.flip:
-    steps.append(augment_lib.random_crop_flip(aug.crop_padding))
-  if aug.gaussian_sigma:
-    steps.append(augment_lib.gaussian_noise(aug.gaussian_sigma))
+  if augment.cutmix_alpha:
+    steps.append(augment_lib.cutmix(augment.cutmix_alpha, num_classes=num_classes))
+  if augment.mixup_alpha:
+    steps.append(augment_lib.mixup(augment.mixup_alpha, num_classes=num_classes))
+  if augment.flip:
+    steps.append(augment_lib.random_crop_flip(augment.crop_padding))
+  if augment.gaussian_sigma:
+    steps.append(augment_lib.gaussian_noise(augment.gaussian_sigma))
   steps.append(lambda keys, images, labels: (augment_lib.normalize(images, mean, std), labels))
-  if aug.cutout_length:
-    steps.append(augment_lib.cutout(aug.cutout_length))
+  if augment.cutout_length:
+    steps.append(augment_lib.cutout(augment.cutout_length))
   return augment_lib.chain(*steps)
 
 
-def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  total = int(config.num_epochs * steps_per_epoch)
-  if config.lr_schedule == "piecewise":
+def make_schedule(*, learning_rate: float, kind: str, num_epochs: float,
+                  decay_epochs=(), decay_factor: float = 1.0, warmup_epochs: float = 0.0,
+                  steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate per step: `kind` in `SCHEDULES` over `num_epochs` epochs.
+
+  "piecewise" multiplies by `decay_factor` at each of `decay_epochs`;
+  "cosine" decays to 0 at the end; a linear warm-up from 0 over
+  `warmup_epochs` comes first where that is > 0.
+  """
+  total = int(num_epochs * steps_per_epoch)
+  if kind == "piecewise":
     schedule = optax.piecewise_constant_schedule(
-        config.learning_rate,
-        {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs})
-  elif config.lr_schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(config.learning_rate, total)
+        learning_rate, {int(e * steps_per_epoch): decay_factor for e in decay_epochs})
+  elif kind == "cosine":
+    schedule = optax.cosine_decay_schedule(learning_rate, total)
   else:
-    schedule = optax.constant_schedule(config.learning_rate)
-  if config.lr_warmup_epochs:
-    warmup_steps = int(config.lr_warmup_epochs * steps_per_epoch)
+    schedule = optax.constant_schedule(learning_rate)
+  if warmup_epochs:
+    warmup_steps = int(warmup_epochs * steps_per_epoch)
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, warmup_steps), schedule], [warmup_steps])
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), schedule], [warmup_steps])
   return schedule
 
 
-def make_optimizer(config, schedule, variables) -> optax.GradientTransformation:
+def make_optimizer(schedule: optax.Schedule, variables, *, weight_decay: float, momentum: float,
+                   nesterov: bool, freeze_batch_norm: bool) -> optax.GradientTransformation:
   """SGD with momentum and coupled weight decay, as torch.optim.SGD applies it.
 
   `variables` (abstract is enough) tells which parameters belong to BatchNorm
-  layers: those whose module also owns 'batch_stats'.
+  layers: those whose module also owns 'batch_stats'; `freeze_batch_norm`
+  keeps their scale and bias fixed (the EfficientNet fine-tuning recipe).
   """
   tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
   )
-  if config.freeze_batch_norm:
-    # The EfficientNet fine-tuning recipe: BatchNorm scale and bias stay fixed.
+  if freeze_batch_norm:
     frozen = batch_norm_modules(variables)
     labels = jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if _module_path(path) in frozen else "trained",
@@ -246,10 +184,6 @@ def batch_norm_modules(variables) -> set[tuple[str, ...]]:
 def _module_path(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path[:-1])
 
-
-def to_unit_float(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> float32 in [0, 1]."""
-  return images.astype(jnp.float32) / 255.0
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +214,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     `nonfinite` (1.0 if this step's loss, gradient or updated weights hold
     a NaN/inf).
   """
-  images = to_unit_float(batch["image"])
+  images = image_data.to_unit_float(batch["image"])
 
   def make_loss_fn(model):
     def loss_fn(params, batch, keys):
@@ -314,20 +248,17 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     correct = jnp.take_along_axis(correct, aux.selected_copy[None], axis=0)[0]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  # An update can overflow the weights while loss and gradient are still finite.
-  finite = loop.all_finite(loss, grad_norm, params)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
-  if skip_nonfinite:
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             new_state, state.replace(step=state.step + 1))
+  grad_norm = optax.tree.norm(grads)
+  new_state, nonfinite = core.guard_nonfinite(
+      state, state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                           opt_state=opt_state),
+      loss, grad_norm, skip_nonfinite)
   metrics = {
       "loss": loss,
       "mean_copy_loss": aux.copy_losses.mean(),
       "accuracy": correct.astype(jnp.float32).mean(),
       "grad_norm": grad_norm,
-      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "nonfinite": nonfinite,
   }
   return new_state, metrics
 
@@ -350,7 +281,7 @@ def eval_step(state: TrainState, batch, *, model, mean, std, input_gradient: boo
     per_example = losses.softmax_cross_entropy(logits, labels)
     return jnp.sum(per_example * mask), (per_example, logits)
 
-  pixels = to_unit_float(batch["image"])
+  pixels = image_data.to_unit_float(batch["image"])
   sums = {}
   if input_gradient:
     (_, (per_example, logits)), grads = jax.value_and_grad(summed_loss, has_aux=True)(pixels)
@@ -371,24 +302,9 @@ def eval_step(state: TrainState, batch, *, model, mean, std, input_gradient: boo
 # The loop.
 
 
-def initial_state(model, tx, image_shape, key, replicated) -> TrainState:
-  """Freshly initialised parameters, statistics and optimizer state, placed as `replicated`."""
-
-  def init():
-    variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-
-  return jax.jit(init, out_shardings=replicated)()
-
-
 @dataclasses.dataclass(frozen=True)
-class Steps:
-  """Everything `config` makes of a run on a mesh, before any data or weights exist.
-
-  Built by `build_steps`; `ImageTask` trains with it and `trainer.compile_report`
-  compiles its steps for a TPU slice from the abstract state and batches.
+class Steps(core.Steps):
+  """`core.Steps` of an image classifier.
 
   Attributes:
     model: the model in `config.dtype`.
@@ -397,14 +313,9 @@ class Steps:
     schedule: the learning-rate schedule.
     facts: the dataset facts the steps were built for.
     steps_per_epoch: full global batches per epoch.
-    init_key: the key of the initial weights.
-    train_key: the key every step's key is folded from.
-    abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s carrying their shardings.
-    data_sharding: the batches' sharding (split along 'data').
-    train_steps: m -> jitted `train_step(state, batch, key)` with m copies, for
-      m in {1, maxup.num_copies} (standard augmentation during the MaxUp warm-up);
-      the state is donated.
     eval_steps: input_gradient (False / True) -> jitted `eval_step(state, batch)`.
+
+  `train_steps[m]` is `train_step(state, batch, key)`.
   """
 
   model: Any
@@ -413,40 +324,22 @@ class Steps:
   schedule: optax.Schedule
   facts: DatasetFacts
   steps_per_epoch: int
-  init_key: jax.Array
-  train_key: jax.Array
-  abstract_state: TrainState
-  data_sharding: jax.sharding.NamedSharding
-  train_steps: dict
   eval_steps: dict
-
-  @property
-  def replicated(self) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(self.data_sharding.mesh, jax.sharding.PartitionSpec())
-
-  def init_state(self) -> TrainState:
-    """Freshly initialised weights, statistics and optimizer state, replicated."""
-    return initial_state(self.model, self.tx, self.facts.image_shape, self.init_key,
-                         self.replicated)
 
   def abstract_batch(self, batch_size: int, eval: bool = False) -> dict:
     """A training (or, with `eval`, an evaluation) batch as sharded `ShapeDtypeStruct`s."""
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding)
-    batch = {"image": spec((batch_size,) + tuple(self.facts.image_shape), jnp.uint8),
-             "label": spec((batch_size,), jnp.int32)}
+    shape = (batch_size,) + tuple(self.facts.image_shape)
+    batch = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     if eval:
-      batch["mask"] = spec((batch_size,), jnp.bool_)
-    return batch
-
-  def abstract_key(self) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(self.train_key.shape, self.train_key.dtype,
-                                sharding=self.replicated)
+      batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_)
+    return core.abstract(batch, self.data_sharding)
 
 
 def build_model(config, num_classes: int, dtype: str | None = None):
   """`config.model` for `num_classes`, computing in `dtype` (default `config.dtype`)."""
   return models.create_model(config.model, num_classes=num_classes,
-                             dtype=DTYPES[dtype or config.dtype], remat=config.remat)
+                             dtype=core.DTYPES[dtype or config.dtype], remat=config.remat)
 
 
 def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -457,28 +350,32 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   `Steps.init_state`). The state is replicated and batches are split along
   the mesh's 'data' axis.
   """
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  steps_per_epoch = input_pipeline.steps_per_epoch(facts.num_train_examples, config.batch_size)
+  steps_per_epoch = image_batches.steps_per_epoch(facts.num_train_examples, config.batch_size)
   model = build_model(config, facts.num_classes)
   selection_model = None
   if config.maxup.selection_dtype and config.maxup.selection_dtype != config.dtype:
     selection_model = build_model(config, facts.num_classes, config.maxup.selection_dtype)
-  schedule = make_schedule(config, steps_per_epoch)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  schedule = make_schedule(
+      learning_rate=config.learning_rate, kind=config.lr_schedule, num_epochs=config.num_epochs,
+      decay_epochs=config.lr_decay_epochs, decay_factor=config.lr_decay_factor,
+      warmup_epochs=config.lr_warmup_epochs, steps_per_epoch=steps_per_epoch)
+  init_key, train_key = core.split_seed(config.seed)
   image_shape = tuple(facts.image_shape)
-  abstract_variables = jax.eval_shape(
-      lambda: model.init(init_key, jnp.zeros((1,) + image_shape), train=False))
-  tx = make_optimizer(config, schedule, abstract_variables)
-  abstract_state = jax.eval_shape(
-      lambda: TrainState(step=jnp.zeros((), jnp.int32), params=abstract_variables["params"],
-                         batch_stats=abstract_variables.get("batch_stats", {}),
-                         opt_state=tx.init(abstract_variables["params"])))
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state)
+  init_variables = lambda: model.init(init_key, jnp.zeros((1,) + image_shape, jnp.float32),
+                                      train=False)
+  tx = make_optimizer(schedule, jax.eval_shape(init_variables), weight_decay=config.weight_decay,
+                      momentum=config.momentum, nesterov=config.nesterov,
+                      freeze_batch_norm=config.freeze_batch_norm)
+
+  def init_fn() -> TrainState:
+    variables = init_variables()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
 
   step_kwargs = dict(
-      model=model, tx=tx, augmentation=make_augmentation(config, facts.num_classes),
+      model=model, tx=tx,
+      augmentation=make_augmentation(config.augment, config.dataset, facts.num_classes),
       mode=config.maxup.mode, freeze_batch_norm=config.freeze_batch_norm,
       copies_per_pass=config.maxup.copies_per_pass,
       selection_model=selection_model, skip_nonfinite=config.nonfinite == "skip")
@@ -486,16 +383,17 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       m: jax.jit(functools.partial(train_step, num_copies=m, **step_kwargs), donate_argnums=0)
       for m in {1, config.maxup.num_copies}
   }
-  mean, std = DATASET_STATS[config.dataset]
+  mean, std = image_data.DATASET_STATS[config.dataset]
   eval_steps = {
       gradient: jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std,
                                           input_gradient=gradient))
       for gradient in (False, True)
   }
-  return Steps(model=model, selection_model=selection_model, tx=tx, schedule=schedule,
-               facts=facts, steps_per_epoch=steps_per_epoch, init_key=init_key,
-               train_key=train_key, abstract_state=abstract_state, data_sharding=data_sharding,
-               train_steps=train_steps, eval_steps=eval_steps)
+  return Steps(
+      init_fn=init_fn, abstract_state=core.abstract(jax.eval_shape(init_fn), core.replicated(mesh)),
+      data_sharding=core.data_sharding(mesh), init_key=init_key, train_key=train_key,
+      train_steps=train_steps, model=model, selection_model=selection_model, tx=tx,
+      schedule=schedule, facts=facts, steps_per_epoch=steps_per_epoch, eval_steps=eval_steps)
 
 
 class ImageTask(loop.Task):
@@ -509,16 +407,16 @@ class ImageTask(loop.Task):
     self.config, self.workdir = config, workdir
 
     data_dir = config.data_dir or None
-    self.train_data = input_pipeline.load_dataset(
+    self.train_data = image_data.load_dataset(
         config.dataset, "train", data_dir, num_examples=config.num_train_examples or None)
-    self.test_data = input_pipeline.load_dataset(
-        config.dataset, EVAL_SPLITS.get(config.dataset, "test"), data_dir,
+    self.test_data = image_data.load_dataset(
+        config.dataset, image_data.eval_split(config.dataset), data_dir,
         num_examples=config.num_eval_examples or None)
     # The same first examples every time, un-augmented: how well the run fits
     # what it trains on, and how steep its loss is there.
     self.train_eval_data = None
     if config.train_eval_examples:
-      self.train_eval_data = input_pipeline.load_dataset(
+      self.train_eval_data = image_data.load_dataset(
           config.dataset, "train", data_dir, num_examples=config.train_eval_examples)
     steps = build_steps(config, mesh, DatasetFacts(
         num_classes=self.train_data.num_classes, image_shape=tuple(self.train_data.image_shape),
@@ -537,7 +435,7 @@ class ImageTask(loop.Task):
     self.step_fns = steps.train_steps
     self.eval_fns = steps.eval_steps
     # Saved with every checkpoint and repositioned by the restore.
-    self.data_iterator = input_pipeline.train_iterator(
+    self.data_iterator = image_batches.train_iterator(
         self.train_data, config.batch_size, seed=config.seed, num_workers=config.input_workers)
     self.final, self.best_top1 = {}, 0.0
 
@@ -559,7 +457,7 @@ class ImageTask(loop.Task):
     return 1 if step < self.warmup_steps else self.config.maxup.num_copies
 
   def train_step(self, step: int):
-    batch = input_pipeline.to_global_array(next(self.data_iterator), self.data_sharding)
+    batch = image_batches.to_global_array(next(self.data_iterator), self.data_sharding)
     self.state, metrics = self.step_fns[self.num_copies(step)](
         self.state, batch, jax.random.fold_in(self.train_key, step))
     return metrics, {"images": self.config.batch_size}
@@ -570,9 +468,9 @@ class ImageTask(loop.Task):
 
   def evaluate(self, data, input_gradient: bool = False) -> dict:
     sums = None
-    for batch in input_pipeline.eval_batches(data, self.config.eval_batch_size):
+    for batch in image_batches.eval_batches(data, self.config.eval_batch_size):
       out = self.eval_fns[input_gradient](
-          self.state, input_pipeline.to_global_array(batch, self.data_sharding))
+          self.state, image_batches.to_global_array(batch, self.data_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = sums.pop("count")

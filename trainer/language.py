@@ -30,23 +30,19 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from maxup_jax import dynamic_eval
 from maxup_jax.maxup import MODES, maxup_loss
 from maxup_jax.models import awd_lstm
-from trainer import loop, text_data
-from trainer import mesh as mesh_lib
-
-# Words per chunk of the chunked output-layer loss (awd_lstm.sequence_loss_chunked); 0 computes
-# the full [B, T, V] logits instead (awd_lstm.sequence_loss). Set by config.vocab_chunk_size.
-DEFAULT_VOCAB_CHUNK_SIZE = 1024
+from trainer import core, loop, text_data
 
 MODEL_FIELDS = ("embed_dim", "hidden_dim", "num_layers", "tie_weights", "embed_dropout",
                 "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
@@ -77,7 +73,7 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Progress:
+class NTASGDState:
   """Where the run is in its phases and epochs, and what NT-ASGD has seen.
 
   Attributes:
@@ -113,70 +109,47 @@ class Transition(NamedTuple):
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError naming every bad field and what would be valid."""
-  errors = []
-
-  def check(ok, message):
-    if not ok:
-      errors.append(message)
-
-  check(config.dataset in text_data.DATASETS,
-        f"dataset={config.dataset!r}; valid: {sorted(text_data.DATASETS)}")
-  check(bool(config.data_dir), "data_dir is empty; give the corpus directory (or file)")
+  errors = core.ConfigErrors()
+  errors.one_of("dataset", config.dataset, sorted(text_data.DATASETS))
+  errors.check(bool(config.data_dir), "data_dir is empty; give the corpus directory (or file)")
   unknown = set(config.model.keys()) - set(MODEL_FIELDS)
-  check(not unknown, f"model has unknown fields {sorted(unknown)}; valid: {list(MODEL_FIELDS)}")
+  errors.check(not unknown,
+               f"model has unknown fields {sorted(unknown)}; valid: {list(MODEL_FIELDS)}")
   if not unknown:
     try:
       awd_lstm.AWDLSTM(vocab_size=2, **config.model)
     except (TypeError, ValueError) as e:
-      errors.append(f"model: {e}")
+      errors.check(False, f"model: {e}")
   for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "min_seq_len",
                "seq_len_bucket", "num_epochs", "nonmono"):
-    check(loop.is_int_at_least(config[name], 1),
-          f"{name}={config[name]!r}; must be a positive int")
-  if loop.is_int_at_least(config.batch_size, 1):
-    check(config.batch_size % num_devices == 0,
-          f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
-          f"use a multiple of {num_devices}")
-  check(config.bptt_std >= 0, f"bptt_std={config.bptt_std}; must be >= 0")
-  check(0 < config.bptt_full_probability <= 1,
-        f"bptt_full_probability={config.bptt_full_probability}; must be in (0, 1]")
-  check(config.learning_rate > 0, f"learning_rate={config.learning_rate}; must be > 0")
-  check(config.clip_grad_norm >= 0,
-        f"clip_grad_norm={config.clip_grad_norm}; must be >= 0 (0 = no clipping)")
-  check(config.weight_decay >= 0, f"weight_decay={config.weight_decay}; must be >= 0")
-  check(config.activation_reg >= 0, f"activation_reg={config.activation_reg}; must be >= 0")
-  check(config.temporal_activation_reg >= 0,
-        f"temporal_activation_reg={config.temporal_activation_reg}; must be >= 0")
-  check(loop.is_int_at_least(config.finetune.num_restarts, 0),
-        f"finetune.num_restarts={config.finetune.num_restarts!r}; must be an int >= 0")
-  check(loop.is_int_at_least(config.finetune.num_epochs, 1),
-        f"finetune.num_epochs={config.finetune.num_epochs!r}; must be a positive int")
+    errors.int_at_least(name, config[name], 1)
+  errors.divisible_batch("batch_size", config.batch_size, num_devices)
+  errors.at_least("bptt_std", config.bptt_std, 0)
+  errors.check(0 < config.bptt_full_probability <= 1,
+               f"bptt_full_probability={config.bptt_full_probability}; must be in (0, 1]")
+  errors.check(config.learning_rate > 0, f"learning_rate={config.learning_rate}; must be > 0")
+  errors.at_least("clip_grad_norm", config.clip_grad_norm, 0, "0 = no clipping")
+  for name in ("weight_decay", "activation_reg", "temporal_activation_reg"):
+    errors.at_least(name, config[name], 0)
+  errors.int_at_least("finetune.num_restarts", config.finetune.num_restarts, 0)
+  errors.int_at_least("finetune.num_epochs", config.finetune.num_epochs, 1)
   maxup = config.maxup
-  check(loop.is_int_at_least(maxup.num_copies, 1),
-        f"maxup.num_copies={maxup.num_copies!r}; must be an int >= 1 (1 = no MaxUp)")
-  check(maxup.mode in MODES, f"maxup.mode={maxup.mode!r}; valid: {list(MODES)}")
-  check(loop.is_int_at_least(maxup.copies_per_pass, 1),
-        f"maxup.copies_per_pass={maxup.copies_per_pass!r}; must be an int >= 1 (num_copies or "
-        "more = all copies in one vmapped pass)")
+  errors.int_at_least("maxup.num_copies", maxup.num_copies, 1, "1 = no MaxUp")
+  errors.one_of("maxup.mode", maxup.mode, MODES)
+  errors.int_at_least("maxup.copies_per_pass", maxup.copies_per_pass, 1,
+                      "num_copies or more = all copies in one vmapped pass")
   dyn = config.dynamic_eval
   if dyn.enabled:
     for name in ("learning_rate", "decay", "epsilon"):
-      check(dyn[name] > 0, f"dynamic_eval.{name}={dyn[name]}; must be > 0")
+      errors.check(dyn[name] > 0, f"dynamic_eval.{name}={dyn[name]}; must be > 0")
     for name in ("seq_len", "stats_batch_size"):
-      check(loop.is_int_at_least(dyn[name], 1),
-            f"dynamic_eval.{name}={dyn[name]!r}; must be a positive int")
-    check(dyn.stats_max_segments >= 0,
-          f"dynamic_eval.stats_max_segments={dyn.stats_max_segments}; must be >= 0 (0 = all)")
-  chunk = config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE)
-  check(loop.is_int_at_least(chunk, 0),
-        f"vocab_chunk_size={chunk!r}; must be an int >= 0 (0 = full logits)")
-  check(config.num_train_tokens >= 0,
-        f"num_train_tokens={config.num_train_tokens}; must be >= 0 (0 = all)")
-  check(config.num_eval_tokens >= 0,
-        f"num_eval_tokens={config.num_eval_tokens}; must be >= 0 (0 = all)")
-  errors += loop.config_errors(config, num_devices)
-  if errors:
-    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+      errors.int_at_least(f"dynamic_eval.{name}", dyn[name], 1)
+    errors.at_least("dynamic_eval.stats_max_segments", dyn.stats_max_segments, 0, "0 = all")
+  errors.int_at_least("vocab_chunk_size", config.vocab_chunk_size, 0, "0 = full logits")
+  errors.at_least("num_train_tokens", config.num_train_tokens, 0, "0 = all")
+  errors.at_least("num_eval_tokens", config.num_eval_tokens, 0, "0 = all")
+  loop.check_config(errors, config, num_devices)
+  errors.raise_if_any()
 
 
 def perplexity(nll: float) -> float:
@@ -184,8 +157,9 @@ def perplexity(nll: float) -> float:
   return math.inf if nll > 709.0 else math.exp(nll)
 
 
-def create_model(config, vocab_size: int) -> awd_lstm.AWDLSTM:
-  return awd_lstm.AWDLSTM(vocab_size=vocab_size, **config.model)
+def create_model(model: ml_collections.ConfigDict, vocab_size: int) -> awd_lstm.AWDLSTM:
+  """The AWD-LSTM a config's `model` section describes, for `vocab_size` words."""
+  return awd_lstm.AWDLSTM(vocab_size=vocab_size, **model)
 
 
 # ---------------------------------------------------------------------------
@@ -202,9 +176,9 @@ def nt_asgd_triggered(history: Sequence[float], val_loss: float, nonmono: int) -
   return len(history) > nonmono and val_loss > min(history[:-nonmono])
 
 
-def end_of_epoch(progress: Progress, val_loss: float, *, averaging: bool, num_epochs: int,
+def end_of_epoch(nt_asgd: NTASGDState, val_loss: float, *, averaging: bool, num_epochs: int,
                  finetune_epochs: int, num_restarts: int,
-                 nonmono: int) -> tuple[Progress, Transition]:
+                 nonmono: int) -> tuple[NTASGDState, Transition]:
   """The NT-ASGD decisions after an epoch's validation loss.
 
   Phase 0 (AWD-LSTM's main.py): SGD until the non-monotone criterion fires,
@@ -213,10 +187,10 @@ def end_of_epoch(progress: Progress, val_loss: float, *, averaging: bool, num_ep
   the criterion fires or after `finetune_epochs` epochs. The best
   validation loss carries across phases, as the saved model does in AWD-LSTM.
   """
-  phase_epochs = progress.phase_epochs + 1
-  history = progress.history
+  phase_epochs = nt_asgd.phase_epochs + 1
+  history = nt_asgd.history
   start_averaging = False
-  if progress.phase == 0:
+  if nt_asgd.phase == 0:
     if not averaging:
       start_averaging = nt_asgd_triggered(history, val_loss, nonmono)
       history = history + (val_loss,)
@@ -224,16 +198,16 @@ def end_of_epoch(progress: Progress, val_loss: float, *, averaging: bool, num_ep
   else:
     phase_over = nt_asgd_triggered(history, val_loss, nonmono) or phase_epochs >= finetune_epochs
     history = history + (val_loss,)
-  restart = phase_over and progress.phase < num_restarts
-  transition = Transition(improved=val_loss < progress.best_val_loss,
+  restart = phase_over and nt_asgd.phase < num_restarts
+  transition = Transition(improved=val_loss < nt_asgd.best_val_loss,
                           start_averaging=start_averaging and not restart, restart=restart)
-  new = Progress(
-      phase=progress.phase + int(restart),
-      epoch=progress.epoch + 1,
+  new = NTASGDState(
+      phase=nt_asgd.phase + int(restart),
+      epoch=nt_asgd.epoch + 1,
       phase_epochs=0 if restart else phase_epochs,
       segment=0,
       history=() if restart else history,
-      best_val_loss=min(progress.best_val_loss, val_loss),
+      best_val_loss=min(nt_asgd.best_val_loss, val_loss),
       finished=phase_over and not restart,
   )
   return new, transition
@@ -280,17 +254,14 @@ def initial_train_state(model, batch_size: int, init_key) -> TrainState:
 def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
   """Where a `TrainState` lives on `mesh`: weights replicated, each stream's hidden state
   with its stream (the batch's 'data' sharding)."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  streams = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
-  return jax.tree.map(lambda _: replicated, state).replace(
-      carry=jax.tree.map(lambda _: streams, state.carry))
+  return jax.tree.map(lambda _: core.replicated(mesh), state).replace(
+      carry=jax.tree.map(lambda _: core.data_sharding(mesh), state.carry))
 
 
 def train_step(state: TrainState, batch, length, key, *, model, num_copies: int, mode: str,
                learning_rate: float, bptt: int, clip_grad_norm: float, weight_decay: float,
                activation_reg: float, temporal_activation_reg: float,
-               vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE, skip_nonfinite: bool = False,
-               copies_per_pass: int = 1):
+               vocab_chunk_size: int, skip_nonfinite: bool = False, copies_per_pass: int = 1):
   """One (A)SGD step on the MaxUp loss of a segment; `num_copies=1` is plain AWD-LSTM.
 
   Args:
@@ -347,7 +318,7 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
 
   # The loss gradient is clipped to norm <= clip_grad_norm first, and torch.optim.SGD's
   # coupled weight decay added after, as in AWD-LSTM: d = clip(g) + weight_decay * theta.
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  grad_norm = optax.tree.norm(grads)
   clip_scale = jnp.minimum(1.0, clip_grad_norm / grad_norm) if clip_grad_norm else 1.0
   step_size = learning_rate * length / bptt
   params = jax.tree.map(lambda p, g: p - step_size * (clip_scale * g + weight_decay * p),
@@ -359,24 +330,21 @@ def train_step(state: TrainState, batch, length, key, *, model, num_copies: int,
   avg_params = jax.tree.map(
       lambda a, p: jnp.where(state.averaging, a + (p - a) * weight, p), state.avg_params, params)
 
-  # An update can overflow the weights while loss and gradient are still finite.
-  finite = loop.all_finite(loss, grad_norm, params)
+  new_state, nonfinite = core.guard_nonfinite(
+      state, state.replace(step=state.step + 1, params=params, avg_params=avg_params,
+                           avg_count=avg_count, carry=jax.lax.stop_gradient(carry)),
+      loss, grad_norm, skip_nonfinite)
   metrics = {
       "loss": loss,
       "nll": jnp.mean(nll),
       "mean_copy_loss": aux.copy_losses.mean(),
       "grad_norm": grad_norm,
-      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "nonfinite": nonfinite,
   }
-  new_state = state.replace(step=state.step + 1, params=params, avg_params=avg_params,
-                            avg_count=avg_count, carry=jax.lax.stop_gradient(carry))
-  if skip_nonfinite:
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             new_state, state.replace(step=state.step + 1))
   return new_state, metrics
 
 
-def segment_nll(model, params, carry, segment, vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
+def segment_nll(model, params, carry, segment, vocab_chunk_size: int):
   """(nll_sum, num_tokens, carry) of one segment {'inputs', 'targets', 'length'}, no dropout.
 
   `vocab_chunk_size` as in `train_step`: > 0 never holds the `[B, T, V]` logits.
@@ -392,8 +360,7 @@ def segment_nll(model, params, carry, segment, vocab_chunk_size: int = DEFAULT_V
   return nll_sum, count, output.carry
 
 
-def evaluate_segments(params, segments, *, model, batch_size: int,
-                      vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
+def evaluate_segments(params, segments, *, model, batch_size: int, vocab_chunk_size: int):
   """Summed NLL and token count over stacked segments `[N, B, T]`, state carried through."""
 
   def step(acc, segment):
@@ -406,22 +373,25 @@ def evaluate_segments(params, segments, *, model, batch_size: int,
   return total, count
 
 
-def dynamic_segment_loss(model, params, carry, segment):
-  """The `segment_loss` of `maxup_jax.dynamic_eval` (after binding `model`): mean token NLL."""
-  nll_sum, count, carry = segment_nll(model, params, carry, segment)
+def dynamic_segment_loss(model, vocab_chunk_size: int, params, carry, segment):
+  """The `segment_loss` of `maxup_jax.dynamic_eval` (after binding `model` and
+  `vocab_chunk_size`): mean token NLL."""
+  nll_sum, count, carry = segment_nll(model, params, carry, segment, vocab_chunk_size)
   return nll_sum / count, (carry, nll_sum, count)
 
 
-def dynamic_gradient_stats(params, carry, segments, *, model, decay: float):
+def dynamic_gradient_stats(params, carry, segments, *, model, vocab_chunk_size: int,
+                           decay: float):
   return dynamic_eval.collect_gradient_stats(
-      functools.partial(dynamic_segment_loss, model), params, carry, segments, decay)
+      functools.partial(dynamic_segment_loss, model, vocab_chunk_size), params, carry, segments,
+      decay)
 
 
-def dynamic_evaluate(params, carry, segments, stats, *, model, learning_rate: float,
-                     decay: float, epsilon: float):
+def dynamic_evaluate(params, carry, segments, stats, *, model, vocab_chunk_size: int,
+                     learning_rate: float, decay: float, epsilon: float):
   return dynamic_eval.evaluate(
-      functools.partial(dynamic_segment_loss, model), params, carry, segments, stats,
-      learning_rate=learning_rate, decay=decay, epsilon=epsilon)
+      functools.partial(dynamic_segment_loss, model, vocab_chunk_size), params, carry, segments,
+      stats, learning_rate=learning_rate, decay=decay, epsilon=epsilon)
 
 
 # Compiled once per process for each model and hyper-parameters (static
@@ -433,79 +403,42 @@ _train_step = jax.jit(train_step, static_argnames=_TRAIN_STEP_STATICS, donate_ar
 _apply_transition = jax.jit(apply_transition, donate_argnums=0)
 _evaluate_segments = jax.jit(evaluate_segments,
                              static_argnames=("model", "batch_size", "vocab_chunk_size"))
-_dynamic_gradient_stats = jax.jit(dynamic_gradient_stats, static_argnames=("model", "decay"))
-_dynamic_evaluate = jax.jit(dynamic_evaluate,
-                            static_argnames=("model", "learning_rate", "decay", "epsilon"))
-
-
-def make_train_step(config, model, num_copies: int | None = None):
-  """The jitted `train_step` with `config`'s hyper-parameters, as `train_and_evaluate` runs it.
-
-  Call it as `step_fn(state, batch, length, key)`; the state is donated.
-  `num_copies` overrides `config.maxup.num_copies` (1 gives the plain step).
-  """
-  return functools.partial(
-      _train_step, model=model,
-      num_copies=config.maxup.num_copies if num_copies is None else num_copies,
-      mode=config.maxup.mode, learning_rate=float(config.learning_rate), bptt=config.bptt,
-      clip_grad_norm=float(config.clip_grad_norm), weight_decay=float(config.weight_decay),
-      activation_reg=float(config.activation_reg),
-      temporal_activation_reg=float(config.temporal_activation_reg),
-      vocab_chunk_size=configured_vocab_chunk_size(config),
-      skip_nonfinite=config.nonfinite == "skip",
-      copies_per_pass=config.maxup.copies_per_pass)
-
-
-def configured_vocab_chunk_size(config) -> int:
-  """`config.vocab_chunk_size` if set, else `DEFAULT_VOCAB_CHUNK_SIZE`."""
-  return int(config.get("vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE))
+_dynamic_gradient_stats = jax.jit(dynamic_gradient_stats,
+                                  static_argnames=("model", "vocab_chunk_size", "decay"))
+_dynamic_evaluate = jax.jit(
+    dynamic_evaluate,
+    static_argnames=("model", "vocab_chunk_size", "learning_rate", "decay", "epsilon"))
 
 
 @dataclasses.dataclass(frozen=True)
-class Steps:
-  """Everything `config` makes of a run on a mesh, before any text or weights exist.
-
-  Built by `build_steps`; `LanguageTask` trains with it and
-  `trainer.compile_report` compiles its steps for a TPU slice.
+class Steps(core.Steps):
+  """`core.Steps` of an AWD-LSTM language model.
 
   Attributes:
     model: the AWD-LSTM for the corpus's vocabulary.
-    init_key: the key of the initial weights.
-    train_key: the key every step's key is folded from.
-    abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s carrying their shardings.
-    data_sharding: the streams' sharding (split along 'data').
-    train_steps: m -> `step(state, batch, length, key)` with m copies (`make_train_step`),
-      for m in {1, maxup.num_copies}; the state is donated.
+    batch_size: the training streams, split along 'data' with their hidden state.
+    epoch_segments: (stream_length, epoch) -> the `[N, 2]` (start, length) training
+      segments of global epoch `epoch` (`epoch_segments` with the config's lengths).
     eval_step: `(params, segments, batch_size) -> (nll_sum, count)` over stacked
       segments `[N, batch_size, T]`, as validation and test run it.
+
+  `train_steps[m]` is `train_step(state, batch, length, key)`.
   """
 
   model: awd_lstm.AWDLSTM
-  init_key: jax.Array
-  train_key: jax.Array
-  abstract_state: TrainState
-  data_sharding: jax.sharding.NamedSharding
-  train_steps: dict
-  eval_step: Any
-
-  @property
-  def replicated(self) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(self.data_sharding.mesh, jax.sharding.PartitionSpec())
-
-  def init_state(self, batch_size: int) -> TrainState:
-    """Fresh weights and a zero hidden state of `batch_size` streams, placed as sharded."""
-    shardings = jax.tree.map(lambda s: s.sharding, self.abstract_state)
-    return jax.jit(lambda: initial_train_state(self.model, batch_size, self.init_key),
-                   out_shardings=shardings)()
+  batch_size: int
+  epoch_segments: Callable[[int, int], np.ndarray]
+  eval_step: Callable
 
   def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
     """A training segment {'inputs', 'targets'} as sharded `ShapeDtypeStruct`s."""
-    spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.data_sharding)
-    return {"inputs": spec, "targets": spec}
+    spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    return core.abstract({"inputs": spec, "targets": spec}, self.data_sharding)
 
-  def abstract_key(self) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(self.train_key.shape, self.train_key.dtype,
-                                sharding=self.replicated)
+  def initial_carry(self) -> Any:
+    """A zero hidden state of the training streams, placed with them."""
+    return jax.jit(lambda: self.model.initial_carry(self.batch_size),
+                   out_shardings=core.shardings_of(self.abstract_state.carry))()
 
 
 def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -516,22 +449,31 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   `Steps.init_state`). Weights are replicated; streams and their hidden
   state are split along the mesh's 'data' axis.
   """
-  model = create_model(config, vocab_size)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  abstract_state = jax.eval_shape(
-      lambda: initial_train_state(model, config.batch_size, init_key))
-  shardings = train_state_shardings(abstract_state, mesh)
-  abstract_state = jax.tree.map(
-      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      abstract_state, shardings)
+  model = create_model(config.model, vocab_size)
+  init_key, train_key = core.split_seed(config.seed)
+  init_fn = lambda: initial_train_state(model, config.batch_size, init_key)
+  abstract_state = jax.eval_shape(init_fn)
+  abstract_state = core.abstract(abstract_state, train_state_shardings(abstract_state, mesh))
+  hyper = dict(
+      model=model, mode=config.maxup.mode, learning_rate=float(config.learning_rate),
+      bptt=config.bptt, clip_grad_norm=float(config.clip_grad_norm),
+      weight_decay=float(config.weight_decay), activation_reg=float(config.activation_reg),
+      temporal_activation_reg=float(config.temporal_activation_reg),
+      vocab_chunk_size=config.vocab_chunk_size, skip_nonfinite=config.nonfinite == "skip",
+      copies_per_pass=config.maxup.copies_per_pass)
+  train_steps = {m: functools.partial(_train_step, num_copies=m, **hyper)
+                 for m in {1, config.maxup.num_copies}}
   eval_step = lambda params, segments, batch_size: _evaluate_segments(
       params, segments, model=model, batch_size=batch_size,
-      vocab_chunk_size=configured_vocab_chunk_size(config))
-  return Steps(
-      model=model, init_key=init_key, train_key=train_key, abstract_state=abstract_state,
-      data_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)),
-      train_steps={m: make_train_step(config, model, m) for m in {1, config.maxup.num_copies}},
-      eval_step=eval_step)
+      vocab_chunk_size=config.vocab_chunk_size)
+  return Steps(init_fn=init_fn, abstract_state=abstract_state,
+               data_sharding=core.data_sharding(mesh), init_key=init_key, train_key=train_key,
+               train_steps=train_steps, model=model, batch_size=config.batch_size,
+               epoch_segments=functools.partial(
+                   epoch_segments, seed=config.seed, bptt=config.bptt,
+                   full_probability=config.bptt_full_probability, std=config.bptt_std,
+                   min_length=config.min_seq_len),
+               eval_step=eval_step)
 
 
 # ---------------------------------------------------------------------------
@@ -543,51 +485,41 @@ def _global_array(host: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _progress_tree(progress: Progress, history_size: int, replicated) -> dict:
+def _nt_asgd_tree(nt_asgd: NTASGDState, history_size: int, replicated) -> dict:
   history = np.full((history_size,), np.inf, np.float32)
-  history[:len(progress.history)] = progress.history
+  history[:len(nt_asgd.history)] = nt_asgd.history
   host = {
-      "phase": np.int32(progress.phase), "epoch": np.int32(progress.epoch),
-      "phase_epochs": np.int32(progress.phase_epochs), "segment": np.int32(progress.segment),
-      "history": history, "num_evals": np.int32(len(progress.history)),
-      "best_val_loss": np.float32(progress.best_val_loss),
-      "finished": np.int32(progress.finished),
+      "phase": np.int32(nt_asgd.phase), "epoch": np.int32(nt_asgd.epoch),
+      "phase_epochs": np.int32(nt_asgd.phase_epochs), "segment": np.int32(nt_asgd.segment),
+      "history": history, "num_evals": np.int32(len(nt_asgd.history)),
+      "best_val_loss": np.float32(nt_asgd.best_val_loss),
+      "finished": np.int32(nt_asgd.finished),
   }
   return {k: _global_array(np.asarray(v), replicated) for k, v in host.items()}
 
 
-def _progress_from_tree(tree: dict) -> Progress:
+def _nt_asgd_from_tree(tree: dict) -> NTASGDState:
   tree = jax.device_get(tree)
-  return Progress(
+  return NTASGDState(
       phase=int(tree["phase"]), epoch=int(tree["epoch"]), phase_epochs=int(tree["phase_epochs"]),
       segment=int(tree["segment"]),
       history=tuple(float(x) for x in tree["history"][:int(tree["num_evals"])]),
       best_val_loss=float(tree["best_val_loss"]), finished=bool(tree["finished"]))
 
 
-def epoch_segments(config, stream_length: int, epoch: int) -> np.ndarray:
-  """The `[N, 2]` (start, length) segments of global epoch `epoch`, a function of (seed, epoch)."""
-  rng = np.random.default_rng([config.seed, epoch])
-  return text_data.bptt_segments(
-      stream_length, rng, bptt=config.bptt, full_probability=config.bptt_full_probability,
-      std=config.bptt_std, min_length=config.min_seq_len)
-
-
-def load_corpus(config) -> text_data.Corpus:
-  corpus = text_data.load_corpus(config.dataset, config.data_dir)
-  if config.num_train_tokens or config.num_eval_tokens:
-    cut = lambda x, n: x[:n] if n else x
-    corpus = dataclasses.replace(
-        corpus, train=cut(corpus.train, config.num_train_tokens),
-        valid=cut(corpus.valid, config.num_eval_tokens),
-        test=cut(corpus.test, config.num_eval_tokens))
-  return corpus
+def epoch_segments(stream_length: int, epoch: int, *, seed: int, bptt: int,
+                   full_probability: float, std: float, min_length: int) -> np.ndarray:
+  """The `[N, 2]` (start, length) segments of global epoch `epoch`, a function of (seed, epoch);
+  the lengths as `text_data.bptt_segments` draws them."""
+  rng = np.random.default_rng([seed, epoch])
+  return text_data.bptt_segments(stream_length, rng, bptt=bptt, full_probability=full_probability,
+                                 std=std, min_length=min_length)
 
 
 class LanguageTask(loop.Task):
   """Language modelling as `loop.run` drives it: AWD-LSTM's recipe with NT-ASGD phases.
 
-  The checkpoint holds the train state and the host-side `Progress`; a step
+  The checkpoint holds the train state and the host-side `NTASGDState`; a step
   trains the next segment of the current epoch, and the last segment of an
   epoch is followed by validation and the NT-ASGD decision (then a checkpoint).
   """
@@ -598,18 +530,16 @@ class LanguageTask(loop.Task):
     mesh = loop.create_mesh(config)
     validate_config(config, mesh.size)
     self.config = config
-    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    self.corpus = load_corpus(config)
+    self.corpus = text_data.load_corpus(config.dataset, config.data_dir, config.num_train_tokens,
+                                        config.num_eval_tokens)
     self.train_streams = text_data.batchify(self.corpus.train, config.batch_size)
     steps = build_steps(config, mesh, self.corpus.vocab_size)
+    self.data_sharding, self.replicated = steps.data_sharding, steps.replicated
     self.model, self.train_key = steps.model, steps.train_key
-    self.state = steps.init_state(config.batch_size)
-    self.initial_carry = jax.jit(lambda: self.model.initial_carry(config.batch_size),
-                                 out_shardings=jax.tree.map(lambda s: s.sharding,
-                                                            steps.abstract_state.carry))()
-    self.progress = Progress()
+    self.epoch_segments = steps.epoch_segments
+    self.state = steps.init_state()
+    self.initial_carry = steps.initial_carry()
+    self.nt_asgd = NTASGDState()
     self.step_fn = steps.train_steps[config.maxup.num_copies]
     self.eval_step = steps.eval_step
 
@@ -626,19 +556,19 @@ class LanguageTask(loop.Task):
   def segments(self, epoch: int) -> np.ndarray:
     """The `[N, 2]` (start, length) training segments of global epoch `epoch` (the newest cached)."""
     if self._segments[0] != epoch:
-      self._segments = (epoch, epoch_segments(self.config, self.train_streams.shape[1], epoch))
+      self._segments = (epoch, self.epoch_segments(self.train_streams.shape[1], epoch))
     return self._segments[1]
 
   def checkpoint_tree(self) -> dict:
     return {"state": self.state,
-            "progress": _progress_tree(self.progress, self.history_size, self.replicated)}
+            "progress": _nt_asgd_tree(self.nt_asgd, self.history_size, self.replicated)}
 
   def restore(self, tree: dict) -> int:
-    self.state, self.progress = tree["state"], _progress_from_tree(tree["progress"])
+    self.state, self.nt_asgd = tree["state"], _nt_asgd_from_tree(tree["progress"])
     start_step = int(self.state.step)
     if start_step:
       logging.info("Resuming from step %d (epoch %d, phase %d).", start_step,
-                   self.progress.epoch, self.progress.phase)
+                   self.nt_asgd.epoch, self.nt_asgd.phase)
     return start_step
 
   def start(self, out: loop.Output) -> None:
@@ -647,25 +577,25 @@ class LanguageTask(loop.Task):
                            "train_tokens": len(self.corpus.train)})
 
   def finished(self, step: int) -> bool:
-    return self.progress.finished
+    return self.nt_asgd.finished
 
   def train_step(self, step: int):
     config = self.config
-    start, length = (int(x) for x in self.segments(self.progress.epoch)[self.progress.segment])
+    start, length = (int(x) for x in self.segments(self.nt_asgd.epoch)[self.nt_asgd.segment])
     padded = text_data.padded_length(length, config.seq_len_bucket)
     batch = {k: _global_array(v, self.data_sharding)
              for k, v in text_data.segment(self.train_streams, start, length, padded).items()}
     self.state, metrics = self.step_fn(self.state, batch, jnp.int32(length),
                                        jax.random.fold_in(self.train_key, step))
-    self.progress = dataclasses.replace(self.progress, segment=self.progress.segment + 1)
+    self.nt_asgd = dataclasses.replace(self.nt_asgd, segment=self.nt_asgd.segment + 1)
     return metrics, {"tokens": length * config.batch_size, "seq_len": length,
                      "learning_rate": config.learning_rate * length / config.bptt}
 
   def train_record(self, means: dict, step: int) -> dict:
-    num_segments = len(self.segments(self.progress.epoch))
+    num_segments = len(self.segments(self.nt_asgd.epoch))
     return {**means, "perplexity": perplexity(means["nll"]),
-            "epoch": self.progress.epoch + self.progress.segment / num_segments,
-            "phase": self.progress.phase, "num_copies": self.config.maxup.num_copies}
+            "epoch": self.nt_asgd.epoch + self.nt_asgd.segment / num_segments,
+            "phase": self.nt_asgd.phase, "num_copies": self.config.maxup.num_copies}
 
   def evaluate(self, params, split: str) -> dict:
     total, count = jax.device_get(
@@ -675,31 +605,31 @@ class LanguageTask(loop.Task):
 
   def after_step(self, step: int, out: loop.Output) -> bool:
     """At the end of an epoch: validate the weights NT-ASGD would keep, then decide."""
-    if self.progress.segment < len(self.segments(self.progress.epoch)):
+    if self.nt_asgd.segment < len(self.segments(self.nt_asgd.epoch)):
       return False
     config = self.config
     averaging = bool(self.state.averaging)
     result = self.evaluate(self.state.avg_params, "valid")
-    self.progress, transition = end_of_epoch(
-        self.progress, result["loss"], averaging=averaging, num_epochs=config.num_epochs,
+    self.nt_asgd, transition = end_of_epoch(
+        self.nt_asgd, result["loss"], averaging=averaging, num_epochs=config.num_epochs,
         finetune_epochs=config.finetune.num_epochs,
         num_restarts=config.finetune.num_restarts, nonmono=config.nonmono)
     self.state = _apply_transition(self.state, transition.improved, transition.start_averaging,
                                    transition.restart, self.initial_carry)
     out.write(step, "valid", {
-        **result, "epoch": self.progress.epoch,
-        "phase": self.progress.phase - int(transition.restart), "averaged": averaging,
-        "best_perplexity": perplexity(self.progress.best_val_loss),
+        **result, "epoch": self.nt_asgd.epoch,
+        "phase": self.nt_asgd.phase - int(transition.restart), "averaged": averaging,
+        "best_perplexity": perplexity(self.nt_asgd.best_val_loss),
         "switched_to_asgd": transition.start_averaging, "restarted": transition.restart})
-    out.echo(f"epoch {self.progress.epoch} step {step}: valid ppl {result['perplexity']:.2f} "
+    out.echo(f"epoch {self.nt_asgd.epoch} step {step}: valid ppl {result['perplexity']:.2f} "
              f"({'averaged' if averaging else 'SGD'} weights)"
              + (" -> ASGD" if transition.start_averaging else "")
-             + (f" -> fine-tuning {self.progress.phase}" if transition.restart else ""))
+             + (f" -> fine-tuning {self.nt_asgd.phase}" if transition.restart else ""))
     return True
 
   def summary(self, out: loop.Output, preempted: bool) -> dict:
     """Scores of the best weights, as AWD-LSTM reloads its saved model; none when preempted."""
-    summary = {"num_params": awd_lstm.num_params(self.state.params), "epochs": self.progress.epoch}
+    summary = {"num_params": awd_lstm.num_params(self.state.params), "epochs": self.nt_asgd.epoch}
     if preempted:
       return summary
     step = int(self.state.step)
@@ -708,8 +638,8 @@ class LanguageTask(loop.Task):
     out.write(step, "test", {**{f"valid_{k}": v for k, v in valid.items()}, **test})
     summary.update(valid_perplexity=valid["perplexity"], test_perplexity=test["perplexity"])
     if self.config.dynamic_eval.enabled:
-      dynamic = run_dynamic_eval(self.config, self.model, self.state.best_params, self.corpus,
-                                 self.replicated)
+      dynamic = run_dynamic_eval(self.config.dynamic_eval, self.model, self.state.best_params,
+                                 self.corpus, self.replicated, self.config.vocab_chunk_size)
       out.write(step, "dynamic_eval", dynamic)
       summary.update(dynamic_valid_perplexity=dynamic["valid_perplexity"],
                      dynamic_test_perplexity=dynamic["test_perplexity"])
@@ -736,14 +666,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return loop.run(LanguageTask(config), config, workdir)
 
 
-def run_dynamic_eval(config, model, params, corpus: text_data.Corpus, sharding) -> dict:
+def run_dynamic_eval(dyn: ml_collections.ConfigDict, model, params, corpus: text_data.Corpus,
+                     sharding, vocab_chunk_size: int) -> dict:
   """Gradient statistics on the training text, then dynamic evaluation of valid and test.
 
-  As in Krause et al.'s code: statistics from segments of
-  `dynamic_eval.seq_len` tokens at batch `stats_batch_size` without
-  dropout, evaluation at batch size 1.
+  `dyn` is a config's `dynamic_eval` section. As in Krause et al.'s code:
+  statistics from segments of `dyn.seq_len` tokens at batch
+  `dyn.stats_batch_size` without dropout, evaluation at batch size 1.
   """
-  dyn = config.dynamic_eval
   stats_segments = text_data.stacked_segments(
       text_data.batchify(corpus.train, dyn.stats_batch_size), dyn.seq_len)
   if dyn.stats_max_segments:
@@ -751,12 +681,12 @@ def run_dynamic_eval(config, model, params, corpus: text_data.Corpus, sharding) 
   stats = _dynamic_gradient_stats(
       params, model.initial_carry(dyn.stats_batch_size),
       jax.tree.map(lambda x: _global_array(x, sharding), stats_segments), model=model,
-      decay=float(dyn.decay))
+      vocab_chunk_size=vocab_chunk_size, decay=float(dyn.decay))
   result = {}
   for split in ("valid", "test"):
     segments = _stacked(corpus.split(split), 1, dyn.seq_len, sharding)
     out = _dynamic_evaluate(params, model.initial_carry(1), segments, stats, model=model,
-                            learning_rate=float(dyn.learning_rate), decay=float(dyn.decay),
+                            vocab_chunk_size=vocab_chunk_size, learning_rate=float(dyn.learning_rate), decay=float(dyn.decay),
                             epsilon=float(dyn.epsilon))
     nll = float(out.nll_sum / out.num_tokens)
     result[f"{split}_loss"] = nll

@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainer import checkpointing
-from trainer import mesh as mesh_lib
+from trainer import checkpointing, core
 from trainer import metrics as metrics_lib
-from trainer import preemption, progress
+from trainer import preemption, progress_bar
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -42,46 +41,25 @@ NONFINITE_POLICIES = ("stop", "skip")
 CONFIG_FILE = "config.json"  # Every run's config, in its workdir.
 
 
-def is_int_at_least(value: Any, minimum: int) -> bool:
-  """Whether a count field holds an int (a bool is not one) >= minimum."""
-  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def config_errors(config, num_devices: int) -> list[str]:
-  """What is wrong with the loop's config fields, one message per bad field."""
-  errors = []
-
-  def check(ok, message):
-    if not ok:
-      errors.append(message)
-
-  for name in ("log_every_steps", "checkpoint_every_steps"):
-    value = config[name]
-    check(is_int_at_least(value, 1), f"{name}={value!r}; must be a positive int")
+def check_config(errors: core.ConfigErrors, config, num_devices: int) -> None:
+  """Records in `errors` what is wrong with the loop's own config fields."""
+  errors.int_at_least("log_every_steps", config.log_every_steps, 1)
+  errors.int_at_least("checkpoint_every_steps", config.checkpoint_every_steps, 1)
   keep = config.keep_checkpoints
-  check(keep is None or is_int_at_least(keep, 1),
-        f"keep_checkpoints={keep!r}; must be a positive int (or None = keep all)")
-  check(config.nonfinite in NONFINITE_POLICIES,
-        f"nonfinite={config.nonfinite!r}; valid: {list(NONFINITE_POLICIES)}")
-  check(is_int_at_least(config.profile_steps, 0),
-        f"profile_steps={config.profile_steps!r}; must be an int >= 0 (0 = off)")
+  errors.check(keep is None or core.is_int_at_least(keep, 1),
+               f"keep_checkpoints={keep!r}; must be a positive int (or None = keep all)")
+  errors.one_of("nonfinite", config.nonfinite, NONFINITE_POLICIES)
+  errors.int_at_least("profile_steps", config.profile_steps, 0, "0 = off")
   if config.expected_device_count:
-    check(config.expected_device_count == num_devices,
-          f"expected_device_count={config.expected_device_count} but the run has {num_devices} "
-          f"devices; the preset's global batch {config.batch_size} assumes "
-          f"{config.batch_size // config.expected_device_count} per device")
-  return errors
-
-
-def all_finite(*trees) -> jax.Array:
-  """A bool scalar: every element of every array in `trees` is finite (no NaN, no inf)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    errors.check(config.expected_device_count == num_devices,
+                 f"expected_device_count={config.expected_device_count} but the run has "
+                 f"{num_devices} devices; the preset's global batch {config.batch_size} assumes "
+                 f"{config.batch_size // config.expected_device_count} per device")
 
 
 def create_mesh(config) -> jax.sharding.Mesh:
   """The run's one-axis ('data') mesh: `config.num_devices` devices, 0 = all."""
-  return mesh_lib.create_mesh(config.num_devices)
+  return core.create_mesh(config.num_devices)
 
 
 class Output:
@@ -214,7 +192,7 @@ def _run(task: Task, config, workdir: str) -> dict:
   preempted = False
   profiler = Profiler(workdir, first_step=start_step, num_steps=config.profile_steps)
   with preemption.PreemptionWatcher() as watcher, profiler, \
-      progress.bar(total=task.total_steps, initial=start_step, desc="train") as bar:
+      progress_bar.bar(total=task.total_steps, initial=start_step, desc="train") as bar:
     out = Output(writer, bar)
     if start_step == 0:
       task.start(out)

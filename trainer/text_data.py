@@ -102,7 +102,8 @@ class Corpus:
 # Reading.
 
 
-def load_corpus(dataset: str, data_dir: str) -> Corpus:
+def load_corpus(dataset: str, data_dir: str, num_train_tokens: int = 0,
+                num_eval_tokens: int = 0) -> Corpus:
   """Loads `dataset` from `data_dir` and checks it against the published counts.
 
   Args:
@@ -111,6 +112,9 @@ def load_corpus(dataset: str, data_dir: str) -> Corpus:
     data_dir: for word corpora, the directory holding train/valid/test; for
       character corpora, either one text file (split 90/5/5) or a directory
       holding train.txt, valid.txt and test.txt.
+    num_train_tokens, num_eval_tokens: > 0: keep only the first this many
+      tokens of the training text, and of the validation and test texts
+      (after the counts are checked).
 
   Raises:
     FileNotFoundError: a file is missing.
@@ -125,6 +129,11 @@ def load_corpus(dataset: str, data_dir: str) -> Corpus:
     corpus = load_char_corpus(data_dir, name=dataset)
   if dataset in PUBLISHED_COUNTS:
     check_counts(corpus, PUBLISHED_COUNTS[dataset])
+  if num_train_tokens or num_eval_tokens:
+    cut = lambda x, n: x[:n] if n else x
+    corpus = dataclasses.replace(
+        corpus, train=cut(corpus.train, num_train_tokens), valid=cut(corpus.valid, num_eval_tokens),
+        test=cut(corpus.test, num_eval_tokens))
   return corpus
 
 

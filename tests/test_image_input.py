@@ -1,4 +1,4 @@
-"""Tests for trainer.input_pipeline (loading, order, sharding, grain iterator state and workers)
+"""Tests for trainer.image_data and trainer.image_batches (loading, order, sharding, grain iterator state and workers)
 and trainer.checkpointing (the input state in checkpoints, both checkpoint layouts)."""
 
 import io
@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from trainer import checkpointing, input_pipeline
+from trainer import checkpointing, image_batches, image_data
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'tfds'
 needs_real_data = pytest.mark.skipif(
@@ -39,7 +39,7 @@ def _index_dataset(num_examples, image_shape=(4, 4, 1)):
       (indices % 256).astype(np.uint8)[:, None, None, None],
       (num_examples, *image_shape),
   )
-  return input_pipeline.ImageDataset.from_arrays(
+  return image_data.ImageDataset.from_arrays(
       images, indices, num_classes=num_examples
   )
 
@@ -57,7 +57,7 @@ def _labels(batches):
 def cached_test_splits():
   """The cached test split of each real dataset (10,000 examples each)."""
   return {
-      name: input_pipeline.load_dataset(name, 'test', data_dir=TFDS_DIR)
+      name: image_data.load_dataset(name, 'test', data_dir=TFDS_DIR)
       for name in REAL_DATASETS
   }
 
@@ -67,7 +67,7 @@ def cached_test_splits():
 def test_real_train_split_matches_tfds(name):
   image_shape, num_train, _ = REAL_DATASETS[name]
   # Uncached: decoding 50k-60k examples is the slow part, not needed here.
-  train = input_pipeline.load_dataset(name, 'train', TFDS_DIR, cache=False)
+  train = image_data.load_dataset(name, 'train', TFDS_DIR, cache=False)
   assert train.num_examples == len(train) == num_train
   assert train.image_shape == image_shape
   assert train.num_classes == 10
@@ -80,7 +80,7 @@ def test_real_train_split_matches_tfds(name):
     assert example['label'] == source[index]['label']
 
   # A cached subset holds the first examples of the split.
-  subset = input_pipeline.load_dataset(name, 'train', TFDS_DIR, num_examples=50)
+  subset = image_data.load_dataset(name, 'train', TFDS_DIR, num_examples=50)
   assert subset.images.shape == (50, *image_shape)
   np.testing.assert_array_equal(subset.images[0], source[0]['image'])
   assert subset.labels[0] == source[0]['label']
@@ -107,8 +107,8 @@ def test_real_test_split_is_cached(name, cached_test_splits):
 @needs_real_data
 def test_eval_covers_all_cifar10_test_images(cached_test_splits):
   test = cached_test_splits['cifar10']
-  batches = list(input_pipeline.eval_batches(test, 384, process_count=1, process_index=0))
-  assert len(batches) == input_pipeline.num_eval_steps(10_000, 384) == 27
+  batches = list(image_batches.eval_batches(test, 384, process_count=1, process_index=0))
+  assert len(batches) == image_batches.num_eval_steps(10_000, 384) == 27
   mask = np.concatenate([batch['mask'] for batch in batches])
   assert mask.sum() == 10_000
   labels = np.concatenate([batch['label'] for batch in batches])[mask]
@@ -118,7 +118,7 @@ def test_eval_covers_all_cifar10_test_images(cached_test_splits):
 
 @needs_real_data
 def test_real_train_batches():
-  train = input_pipeline.load_dataset('cifar10', 'train', TFDS_DIR, num_examples=96)
+  train = image_data.load_dataset('cifar10', 'train', TFDS_DIR, num_examples=96)
   batches = list(itertools.islice(_train(train, 32, seed=0), 4))
   batch = batches[0]
   assert batch['image'].shape == (32, 32, 32, 3)
@@ -129,8 +129,8 @@ def test_real_train_batches():
   assert all(image.tobytes() in rows for image in batch['image'])
   # The tfds source, read example by example in a worker process (which gets
   # a pickled copy of it), gives the batches that the cached arrays give.
-  uncached = input_pipeline.load_dataset('cifar10', 'train', TFDS_DIR, cache=False)
-  with input_pipeline.train_iterator(
+  uncached = image_data.load_dataset('cifar10', 'train', TFDS_DIR, cache=False)
+  with image_batches.train_iterator(
       uncached, 32, seed=0, num_examples=96, num_workers=1, process_count=1, process_index=0
   ) as from_source:
     _assert_same_batches(list(itertools.islice(from_source, 4)), batches)
@@ -139,7 +139,7 @@ def test_real_train_batches():
 @needs_real_data
 def test_data_dir_from_environment(monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(TFDS_DIR))
-  dataset = input_pipeline.load_dataset('mnist', 'test', num_examples=10)
+  dataset = image_data.load_dataset('mnist', 'test', num_examples=10)
   assert dataset.images.shape == (10, 28, 28, 1)
 
 
@@ -149,8 +149,8 @@ def test_data_dir_from_environment(monkeypatch):
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
-    input_pipeline.load_dataset('cifar10', 'train', data_dir=tmp_path)
+  with pytest.raises(image_data.DatasetNotFoundError) as error:
+    image_data.load_dataset('cifar10', 'train', data_dir=tmp_path)
   message = str(error.value)
   assert 'tfds build cifar10 --file_format=array_record' in message
   assert str(tmp_path) in message
@@ -158,19 +158,19 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 
 def test_unknown_name_lists_valid_names():
-  assert set(input_pipeline.DATASETS) == {'cifar10', 'cifar100', 'mnist', 'imagenet2012'}
+  assert set(image_data.DATASETS) == {'cifar10', 'cifar100', 'mnist', 'imagenet2012'}
   with pytest.raises(ValueError, match='cifar10.*cifar100.*mnist.*imagenet2012'):
-    input_pipeline.load_dataset('svhn', 'train')
+    image_data.load_dataset('svhn', 'train')
 
 
 @needs_real_data
 def test_unknown_split_and_bad_subset():
   with pytest.raises(ValueError, match="Unknown split 'validation'.*test.*train"):
-    input_pipeline.load_dataset('mnist', 'validation', TFDS_DIR)
+    image_data.load_dataset('mnist', 'validation', TFDS_DIR)
   with pytest.raises(ValueError, match='num_examples'):
-    input_pipeline.load_dataset('mnist', 'test', TFDS_DIR, num_examples=10_001)
+    image_data.load_dataset('mnist', 'test', TFDS_DIR, num_examples=10_001)
   with pytest.raises(ValueError, match='cannot|too large'):
-    input_pipeline.load_dataset('imagenet2012', 'train', TFDS_DIR, cache=True)
+    image_data.load_dataset('imagenet2012', 'train', TFDS_DIR, cache=True)
 
 
 def test_bad_batch_and_process_arguments():
@@ -178,12 +178,12 @@ def test_bad_batch_and_process_arguments():
 
   def train(global_batch_size=10, **kwargs):
     kwargs = {'seed': 0, 'process_count': 1, 'process_index': 0, **kwargs}
-    return input_pipeline.train_iterator(dataset, global_batch_size, **kwargs)
+    return image_batches.train_iterator(dataset, global_batch_size, **kwargs)
 
   with pytest.raises(ValueError, match='divisible'):
     train(process_count=3)
   with pytest.raises(ValueError, match='process_index'):
-    input_pipeline.eval_batches(dataset, 10, process_count=2, process_index=2)
+    image_batches.eval_batches(dataset, 10, process_count=2, process_index=2)
   with pytest.raises(ValueError, match='process_index'):
     train(process_count=2, process_index=2)
   with pytest.raises(ValueError, match='exceeds'):
@@ -200,14 +200,14 @@ def test_bad_batch_and_process_arguments():
   # gather in the caller's thread.
   _, jpegs = _jpeg_dataset()
   with pytest.raises(ValueError, match='num_threads must be a positive integer, got 0'):
-    input_pipeline.train_iterator(
+    image_batches.train_iterator(
         jpegs, 4, seed=0, process_count=1, process_index=0, num_threads=0
     )
   train(num_threads=0).close()
   with pytest.raises(ValueError, match='seed'):
-    input_pipeline.epoch_permutation(10, -1, 0)
+    image_batches.epoch_permutation(10, -1, 0)
   with pytest.raises(ValueError, match='epoch'):
-    input_pipeline.epoch_permutation(10, 0, 1.5)
+    image_batches.epoch_permutation(10, 0, 1.5)
 
 
 # ----------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_bad_batch_and_process_arguments():
 
 
 def _train(dataset, global_batch_size, seed, process_index=0, process_count=1, **kwargs):
-  return input_pipeline.train_iterator(
+  return image_batches.train_iterator(
       dataset,
       global_batch_size,
       seed=seed,
@@ -267,7 +267,7 @@ def test_order_is_fixed_by_seed():
 
 def _old_formula_labels(num_examples, global_batch_size, seed, num_steps):
   """Global batches [num_steps, B] of the pipeline before grain, for the index dataset."""
-  steps = input_pipeline.steps_per_epoch(num_examples, global_batch_size)
+  steps = image_batches.steps_per_epoch(num_examples, global_batch_size)
   batches = []
   for step in range(num_steps):
     epoch, step_in_epoch = divmod(step, steps)
@@ -282,7 +282,7 @@ def _old_formula_labels(num_examples, global_batch_size, seed, num_steps):
 def test_epoch_permutation_is_the_old_one():
   for seed, epoch in [(0, 0), (3, 7)]:
     np.testing.assert_array_equal(
-        input_pipeline.epoch_permutation(50, seed, epoch),
+        image_batches.epoch_permutation(50, seed, epoch),
         np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(50),
     )
 
@@ -393,7 +393,7 @@ class _RecordingSource:
 
 def test_each_process_reads_only_its_share():
   source = _RecordingSource(128)  # 8 steps of 16 per epoch
-  dataset = input_pipeline.ImageDataset(
+  dataset = image_data.ImageDataset(
       name='recorded', split='train', num_examples=128, image_shape=(4, 4, 1),
       num_classes=128, source=source,
   )
@@ -412,9 +412,9 @@ def test_each_process_reads_only_its_share():
 
 def test_eval_process_slices_concatenate_to_global_batch():
   dataset = _index_dataset(64)
-  single_eval = list(input_pipeline.eval_batches(dataset, 24, process_count=1, process_index=0))
+  single_eval = list(image_batches.eval_batches(dataset, 24, process_count=1, process_index=0))
   eval_slices = [
-      list(input_pipeline.eval_batches(dataset, 24, process_count=2, process_index=p))
+      list(image_batches.eval_batches(dataset, 24, process_count=2, process_index=p))
       for p in range(2)
   ]
   for step, batch in enumerate(single_eval):
@@ -431,7 +431,7 @@ def test_eval_pads_last_batch_with_mask():
   seen = []
   for process_index in range(2):
     batches = list(
-        input_pipeline.eval_batches(dataset, 40, process_count=2, process_index=process_index)
+        image_batches.eval_batches(dataset, 40, process_count=2, process_index=process_index)
     )
     assert len(batches) == 3
     for batch in batches:
@@ -523,14 +523,14 @@ def test_to_global_array():
   sharding = NamedSharding(mesh, PartitionSpec('data'))
   global_batch_size = 2 * len(devices)
   batch = next(
-      input_pipeline.eval_batches(
+      image_batches.eval_batches(
           _index_dataset(global_batch_size - 1),
           global_batch_size,
           process_count=1,
           process_index=0,
       )
   )
-  arrays = input_pipeline.to_global_array(batch, sharding)
+  arrays = image_batches.to_global_array(batch, sharding)
   assert set(arrays) == {'image', 'label', 'mask'}
   for key, array in arrays.items():
     assert isinstance(array, jax.Array)
@@ -567,7 +567,7 @@ def test_random_crop_window_respects_ranges():
   rng = np.random.default_rng(0)
   for height, width in [(375, 500), (500, 333), (64, 64)]:
     for _ in range(200):
-      top, left, crop_height, crop_width = input_pipeline.random_crop_window(
+      top, left, crop_height, crop_width = image_data.random_crop_window(
           height, width, rng
       )
       assert 0 <= top and top + crop_height <= height
@@ -580,11 +580,11 @@ def test_random_crop_window_respects_ranges():
 
 
 def test_random_crop_window_is_deterministic_and_falls_back():
-  first = input_pipeline.random_crop_window(300, 400, np.random.default_rng(5))
-  again = input_pipeline.random_crop_window(300, 400, np.random.default_rng(5))
+  first = image_data.random_crop_window(300, 400, np.random.default_rng(5))
+  again = image_data.random_crop_window(300, 400, np.random.default_rng(5))
   assert first == again
   # A 4 x 1000 strip admits no crop in range: central fallback.
-  top, left, crop_height, crop_width = input_pipeline.random_crop_window(
+  top, left, crop_height, crop_width = image_data.random_crop_window(
       4, 1000, np.random.default_rng(0)
   )
   assert (crop_height, crop_width) == (4, 5)
@@ -592,17 +592,17 @@ def test_random_crop_window_is_deterministic_and_falls_back():
 
 
 def test_center_crop_window():
-  assert input_pipeline.center_crop_window(480, 640) == (30, 110, 420, 420)
-  assert input_pipeline.center_crop_window(256, 256) == (16, 16, 224, 224)
+  assert image_data.center_crop_window(480, 640) == (30, 110, 420, 420)
+  assert image_data.center_crop_window(256, 256) == (16, 16, 224, 224)
   with pytest.raises(ValueError, match='crop_fraction'):
-    input_pipeline.center_crop_window(10, 10, crop_fraction=1.5)
+    image_data.center_crop_window(10, 10, crop_fraction=1.5)
 
 
 def test_center_crop_matches_reference():
   image = _smooth_image(300, 400)
-  output = input_pipeline.decode_and_center_crop(_encode(image, 'PNG'), 64)
+  output = image_data.decode_and_center_crop(_encode(image, 'PNG'), 64)
   assert output.shape == (64, 64, 3) and output.dtype == np.uint8
-  top, left, side, _ = input_pipeline.center_crop_window(300, 400)
+  top, left, side, _ = image_data.center_crop_window(300, 400)
   expected = np.asarray(
       Image.fromarray(image[top : top + side, left : left + side]).resize(
           (64, 64), Image.Resampling.BICUBIC
@@ -616,7 +616,7 @@ def test_reduced_jpeg_decoding_matches_full_decoding():
   image = _smooth_image(1200, 1600)
   encoded = _encode(image, 'JPEG')
   window = (100, 200, 800, 1000)
-  output = input_pipeline.decode_and_crop(encoded, 64, lambda h, w: window)
+  output = image_data.decode_and_crop(encoded, 64, lambda h, w: window)
   top, left, crop_height, crop_width = window
   full = Image.open(io.BytesIO(encoded)).convert('RGB')
   expected = np.asarray(
@@ -634,7 +634,7 @@ def test_reduced_jpeg_decoding_matches_full_decoding():
 def test_decode_converts_to_rgb(image_format, mode):
   encoded = _encode(_smooth_image(50, 70), image_format, mode)
   rng = np.random.default_rng(0)
-  output = input_pipeline.decode_and_random_crop(encoded, 24, rng)
+  output = image_data.decode_and_random_crop(encoded, 24, rng)
   assert output.shape == (24, 24, 3) and output.dtype == np.uint8
 
 
@@ -650,7 +650,7 @@ def _jpeg_dataset(num_examples=10):
       }
       for i in range(num_examples)
   ]
-  dataset = input_pipeline.ImageDataset(
+  dataset = image_data.ImageDataset(
       name='fake_imagenet',
       split='train',
       num_examples=len(records),
@@ -691,12 +691,12 @@ def test_cropped_dataset_batches():
   # The crop of example i in epoch e is drawn from SeedSequence([seed, e, i]):
   # an example seen again in a later epoch is cropped anew, and another seed
   # crops it differently.
-  steps = input_pipeline.steps_per_epoch(len(records), 4)
+  steps = image_batches.steps_per_epoch(len(records), 4)
   for step, batch in enumerate(train):
     for image, label in zip(batch['image'], batch['label']):
       rng = np.random.default_rng(np.random.SeedSequence([0, step // steps, int(label)]))
       np.testing.assert_array_equal(
-          image, input_pipeline.decode_and_random_crop(records[label]['image'], 16, rng)
+          image, image_data.decode_and_random_crop(records[label]['image'], 16, rng)
       )
   crops = _crops_by_example(train)
   repeated = [crops[e] for e in crops if len(crops[e]) > 1]
@@ -707,11 +707,11 @@ def test_cropped_dataset_batches():
   assert common
   assert all(not np.array_equal(crops[e][0], other_seed[e][0]) for e in common)
 
-  eval_batch = next(input_pipeline.eval_batches(dataset, 4, process_count=1, process_index=0))
+  eval_batch = next(image_batches.eval_batches(dataset, 4, process_count=1, process_index=0))
   np.testing.assert_array_equal(eval_batch['label'], [0, 1, 2, 3])
   np.testing.assert_array_equal(
       eval_batch['image'][1],
-      input_pipeline.decode_and_center_crop(records[1]['image'], 16),
+      image_data.decode_and_center_crop(records[1]['image'], 16),
   )
   with pytest.raises(ValueError, match='cannot be cached'):
     dataset.cache()
