@@ -32,7 +32,10 @@ import trainer
 from trainer import xla_cpu
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-CONFIG = config_flags.DEFINE_config_file("config", None, "A file under configs/.", lock_config=True)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "A config file, optionally with :ARG: configs/, or results/configs/ for RESULTS.md's "
+    "experiments.", lock_config=True)
 MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")

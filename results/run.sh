@@ -5,7 +5,7 @@
 #   results/run.sh cifar10_certify|cifar10_certify_sigma05|ptb_asgd|ptb_asgd_more_seeds
 #   results/run.sh scratch|scratch_more_seeds|finetune|finetune_cutmix|scratch_ablation
 #
-# What is still to run, in order, and its budget: results/PLAN.md.
+# How to rerun, each target's budget and what is still to run: results/README.md.
 #
 # Every run writes to runs/results/EXPERIMENT/NAME (metrics.jsonl, train.log,
 # checkpoints) and is skipped when it has already finished, so the script can

@@ -45,7 +45,7 @@ import numpy as np
 from configs import hardware
 from maxup_jax import augment as augment_lib
 from maxup_jax import smoothing
-from trainer import core, image, image_data, language, text_data
+from trainer import certification, core, image, image_data, language, text_data
 
 GIB = 2**30
 
@@ -462,15 +462,16 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
     report.fit_options = _try_fit_options(config, mesh, chip, facts, m)
 
   if "certify_batch" in report.programs:
-    images = math.ceil(facts.num_eval_examples / CERTIFY_SKIP)
+    images = math.ceil(facts.num_eval_examples / CERTIFY.skip)
     size = certify_batch_size(mesh.size)
-    batches = math.ceil(CERTIFY_N0 / size) + math.ceil(CERTIFY_N / size)
+    batches = math.ceil(CERTIFY.n0 / size) + math.ceil(CERTIFY.n / size)
     seconds = images * batches * report.programs["certify_batch"].roofline_seconds
     report.certification_chip_hours = seconds * mesh.size / 3600
     report.notes.append(
-        f"Certification (certify.py's defaults, the paper's setting): every {CERTIFY_SKIP}th "
-        f"test image ({images}), n0={CERTIFY_N0} + n={CERTIFY_N} noise samples in batches of "
-        f"{size} (certify.py's 1,000, rounded to a multiple of the devices; {batches} "
+        f"Certification (certify.py's defaults, the paper's setting): every {CERTIFY.skip}th "
+        f"test image ({images}), n0={CERTIFY.n0} + n={CERTIFY.n} noise samples in batches of "
+        f"{size} (certify.py's {CERTIFY.batch_size:,}, rounded to a multiple of the devices; "
+        f"{batches} "
         "batches per image).")
 
   # Estimates: the MaxUp warm-up runs standard steps. A step that does not fit is
@@ -506,12 +507,13 @@ def _image_report(report, config, mesh, chip, try_fit_options, include_eval):
       "epoch(s); not the input pipeline (ImageNet JPEG decoding is CPU work).")
 
 
-CERTIFY_N0, CERTIFY_N, CERTIFY_BATCH, CERTIFY_SKIP = 100, 100_000, 1000, 20
+# certify.py's defaults, certifying every 20th test image as Cohen et al. (2019) do on CIFAR-10.
+CERTIFY = certification.CertifySettings(skip=20)
 
 
 def certify_batch_size(num_devices: int) -> int:
-  """certify.py's 1,000 noise samples per batch, rounded up to split evenly over the devices."""
-  return -(-CERTIFY_BATCH // num_devices) * num_devices
+  """certify.py's noise samples per batch, rounded up to split evenly over the devices."""
+  return -(-CERTIFY.batch_size // num_devices) * num_devices
 
 
 def _smoothing_program(config, steps, mesh, chip) -> Program:
