@@ -38,10 +38,10 @@ the 420 s budget plus 40 s grace, i.e. under 8 minutes after the interpreter
 starts, whatever compilation costs. The m=10 units, which need no new
 standard step, are the ones the budget drops first.
 
-  python benchmarks/gpu.py --out /tmp/gpu.jsonl        # the default run, < 8 minutes
-  python benchmarks/gpu.py --models resnet110 --dtypes bfloat16 --copies 4
-  python benchmarks/gpu.py --dry_run                   # CPU smoke run: small_cnn, batch 8, m=2
-  python benchmarks/gpu.py --dry_run --models resnet8  # the same with BatchNorm (a minute on 2 cores)
+  python -m benchmarks.gpu --out /tmp/gpu.jsonl        # the default run, < 8 minutes
+  python -m benchmarks.gpu --models resnet110 --dtypes bfloat16 --copies 4
+  python -m benchmarks.gpu --dry_run                   # CPU smoke run: small_cnn, batch 8, m=2
+  python -m benchmarks.gpu --dry_run --models resnet8  # the same with BatchNorm (a minute on 2 cores)
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ import time
 import traceback
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from benchmarks import common
+from trainer import timing
 
 MIB = 2**20
 
@@ -273,61 +273,51 @@ def start_watchdog(deadline_s: float, results: ResultsFile) -> threading.Timer:
   return timer
 
 
-class CopiedInitialState:
-  """Stands in for `common.Steps` in `common.StepRunner`: hands out copies of one initial state.
-
-  `Steps.initial_state` jits a fresh closure, i.e. compiles the initialiser
-  again, on every call; each runner donates its state, so each needs its own
-  buffers, and copying them costs no compilation.
-  """
-
-  def __init__(self, state):
-    self.state = state
-
-  def initial_state(self):
-    return jax.tree.map(jnp.copy, self.state)
-
-
 class ModelDtype:
   """The steps, batch and compiled runners of one model and dtype, kept across its units."""
 
   def __init__(self, model: str, dtype: str, batch_size: int):
-    self.steps = common.Steps(model, batch_size, dtype=dtype)
-    self.batch = self.steps.batch()
-    self.initial = CopiedInitialState(self.steps.initial_state())
-    self.abstract_state = jax.eval_shape(lambda: self.initial.state)
+    self.config = common.with_maxup(common.benchmark_config(model, batch_size, dtype),
+                                    num_copies=1)
+    self.steps = common.image_steps(self.config)
+    self.batch = common.random_batch(self.steps, batch_size)
+    # `init_state` compiles the initialiser again on every call; each runner
+    # donates its state, so each needs its own buffers: copies of one state.
+    self.initial_state = self.steps.init_state()
     self.key = jax.random.key(0)
-    self.runners: dict[str, common.StepRunner] = {}
+    self.runners: dict[str, timing.StepRunner] = {}
     self.compiled_peak: dict[str, float] = {}
     self.device_peak: dict[str, float] = {}
 
   def jitted(self, variant: str) -> tuple[Callable, bool]:
     """The jitted function of a variant and whether it is a train step."""
     if variant == "a":
-      return self.steps.train_step(1), True
+      return self.steps.train_steps[1], True
     m = int(variant[1:])
     if variant.startswith("d"):
-      return self.steps.selection_forward(m), False
-    return self.steps.train_step(m), True
+      return common.selection_forward(self.config, self.steps, m), False
+    maxup = common.image_steps(common.with_maxup(self.config, num_copies=m))
+    return maxup.train_steps[m], True
 
   def compile(self, variants: list[str], threads: int) -> dict[str, float]:
     """Compiles the variants not yet compiled, in parallel; returns seconds per compilation."""
     missing = [v for v in variants if v not in self.runners]
+    jitted = {v: self.jitted(v) for v in missing}
 
-    def compile_one(variant):
-      fn, _ = self.jitted(variant)
+    def compile_one(fn):
       start = time.perf_counter()
-      executable, peak = compile_with_peak(fn, self.abstract_state, self.batch, self.key)
+      executable, peak = compile_with_peak(fn, self.steps.abstract_state, self.batch, self.key)
       return executable, peak, time.perf_counter() - start
 
     seconds = {}
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      futures = {v: pool.submit(compile_one, v) for v in missing}
+      futures = {v: pool.submit(compile_one, jitted[v][0]) for v in missing}
       for variant in missing:
         executable, self.compiled_peak[variant], seconds[variant] = futures[variant].result()
-        _, is_train_step = self.jitted(variant)
-        self.runners[variant] = common.StepRunner(self.initial, executable, self.batch,
-                                                  is_train_step)
+        is_train_step = jitted[variant][1]
+        self.runners[variant] = timing.StepRunner(
+            executable, jax.tree.map(jnp.copy, self.initial_state), (self.batch,),
+            jax.random.key(1), updates_state=is_train_step)
     # First calls one at a time, so that the running device peak follows each.
     for variant in missing:
       self.runners[variant]()
@@ -349,17 +339,17 @@ def measure_unit(unit: Unit, held: ModelDtype, args, measured: Measured,
     say(f"# compiled: {unit.model} {unit.dtype} {variant}: {s:.1f} s")
     results.write({"kind": "compile_s", "model": unit.model, "dtype": unit.dtype,
                    "variant": variant, "seconds": s})
-  times = common.interleaved_medians({v: held.runners[v] for v in variants}, args.repeats,
+  times = timing.interleaved_medians({v: held.runners[v] for v in variants}, args.repeats,
                                      warmup=args.warmup)
   for variant in variants:
-    measured.step_s[(unit.model, unit.dtype, variant)] = common.median(times[variant])
+    measured.step_s[(unit.model, unit.dtype, variant)] = timing.median(times[variant])
   a, d, b = (times[v] for v in variants)
   batch_size = args.batch_size
   return [
-      unit.model, unit.dtype, unit.m, batch_size / common.median(a),
-      batch_size / common.median(b),
-      common.median([x / y for x, y in zip(b, a)]),
-      common.median([x / (y + z) for x, y, z in zip(b, a, d)]),
+      unit.model, unit.dtype, unit.m, batch_size / timing.median(a),
+      batch_size / timing.median(b),
+      timing.median([x / y for x, y in zip(b, a)]),
+      timing.median([x / (y + z) for x, y, z in zip(b, a, d)]),
       held.compiled_peak["a"], held.compiled_peak[variants[2]],
       held.compiled_peak[variants[2]] / held.compiled_peak["a"], held.device_peak[variants[2]],
   ]
@@ -375,7 +365,7 @@ def main(args):
   device = jax.devices()[0]
   if args.dry_run:
     say("# dry run: a CPU smoke test of the script, not a benchmark")
-  environment = common.environment(card=device.device_kind, batch_size=args.batch_size,
+  environment = timing.environment(card=device.device_kind, batch_size=args.batch_size,
                                    repeats=args.repeats, warmup=args.warmup,
                                    time_budget_s=args.time_budget_s, dry_run=args.dry_run)
   for key, value in environment.items():

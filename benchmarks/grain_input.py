@@ -3,10 +3,10 @@
 Prints one table of images/s taken by the training loop's `next()`:
 
   cifar10, hand-written:  the generator + prefetch thread that
-                          `input_pipeline.train_iterator` replaced (copied here
+                          `image_batches.train_iterator` replaced (copied here
                           for this comparison only): one numpy permutation per
                           epoch, one gather per batch, a background thread;
-  cifar10, grain:         `input_pipeline.train_iterator` on the same cached
+  cifar10, grain:         `image_batches.train_iterator` on the same cached
                           real CIFAR-10 train split: grain elements are whole
                           batches (the same numpy permutation per epoch, one
                           gather per batch), gathered by `next()` itself (its
@@ -25,8 +25,8 @@ batches). Each JPEG round starts fresh iterators, so the table also gives the
 start-up time to the first batch (worker processes start, import the project
 and unpickle the pipeline); the rate is over the batches after the first.
 
-  python benchmarks/grain_input.py
-  python benchmarks/grain_input.py --quick    # a smoke run, under 30 s
+  python -m benchmarks.grain_input
+  python -m benchmarks.grain_input --quick    # a smoke run, under 30 s
 """
 
 from __future__ import annotations
@@ -35,20 +35,17 @@ import argparse
 import io
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from array_record.python import array_record_module
+import grain
+import numpy as np
+from PIL import Image
 
-from array_record.python import array_record_module  # noqa: E402
-import grain  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from trainer import input_pipeline  # noqa: E402
+from benchmarks import common
+from trainer import image_batches, image_data, timing
 
 DATA_DIR = os.path.join(common.REPO, "..", "shared", "tfds")
 # ImageNet's typical photo: 500x375 px (width x height), saved at quality ~90.
@@ -93,7 +90,7 @@ def parse_args(argv=None):
 
 def hand_written_batches(dataset, global_batch_size, seed):
   """One process's batches as the pre-grain `train_batches` made them."""
-  num_steps = input_pipeline.steps_per_epoch(dataset.num_examples, global_batch_size)
+  num_steps = image_batches.steps_per_epoch(dataset.num_examples, global_batch_size)
   epoch = 0
   while True:
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
@@ -165,7 +162,7 @@ class JpegRecords:
 
 def jpeg_dataset(path):
   records = JpegRecords(path)
-  return input_pipeline.ImageDataset(
+  return image_data.ImageDataset(
       name="synthetic_jpeg", split="train", num_examples=len(records),
       image_shape=(CROP_SIZE, CROP_SIZE, 3), num_classes=1000, source=records,
       crop_size=CROP_SIZE)
@@ -189,8 +186,8 @@ def time_batches(iterator, num_batches):
 def jpeg_round(dataset, batch_size, num_workers, num_batches):
   """(seconds to the first batch, images/s over the next `num_batches`) of a fresh iterator."""
   start = time.perf_counter()
-  with input_pipeline.train_iterator(dataset, batch_size, seed=0, num_workers=num_workers,
-                                     process_index=0, process_count=1) as batches:
+  with image_batches.train_iterator(dataset, batch_size, seed=0, num_workers=num_workers,
+                                    process_index=0, process_count=1) as batches:
     first = next(batches)
     startup = time.perf_counter() - start
     assert first["image"].shape == (batch_size, CROP_SIZE, CROP_SIZE, 3)
@@ -200,14 +197,14 @@ def jpeg_round(dataset, batch_size, num_workers, num_batches):
 
 def main(args):
   start = time.perf_counter()
-  cifar = input_pipeline.load_dataset("cifar10", "train", args.data_dir,
-                                      num_examples=args.cifar_examples or None)
+  cifar = image_data.load_dataset("cifar10", "train", args.data_dir,
+                                  num_examples=args.cifar_examples or None)
   load_seconds = time.perf_counter() - start
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "jpegs.array_record")
     mean_bytes = write_jpegs(path, args.jpeg_images)
     jpegs = jpeg_dataset(path)
-    common.print_environment(
+    timing.print_environment(
         cifar10_train_examples=cifar.num_examples, cifar10_load_and_decode_s=round(load_seconds, 1),
         jpeg_images=f"{args.jpeg_images} x {JPEG_SIZE[0]}x{JPEG_SIZE[1]} px, quality "
                     f"{JPEG_QUALITY}, mean {mean_bytes / 1000:.0f} kB",
@@ -215,16 +212,16 @@ def main(args):
 
     cifar_pipelines = {
         "hand-written": thread_prefetch(hand_written_batches(cifar, args.batch_size, seed=0)),
-        "grain": input_pipeline.train_iterator(cifar, args.batch_size, seed=0,
-                                               process_index=0, process_count=1),
-        "grain, 1 read thread": input_pipeline.train_iterator(
+        "grain": image_batches.train_iterator(cifar, args.batch_size, seed=0,
+                                              process_index=0, process_count=1),
+        "grain, 1 read thread": image_batches.train_iterator(
             cifar, args.batch_size, seed=0, process_index=0, process_count=1, num_threads=1),
     }
-    cifar_times = common.interleaved_medians(
+    cifar_times = timing.interleaved_medians(
         {name: (lambda it=it: time_batches(it, args.cifar_batches))
          for name, it in cifar_pipelines.items()},
         repeats=args.rounds)
-    cifar_rates = {name: args.cifar_batches * args.batch_size / common.median(times)
+    cifar_rates = {name: args.cifar_batches * args.batch_size / timing.median(times)
                    for name, times in cifar_times.items()}
     for name, pipeline in cifar_pipelines.items():
       if name.startswith("grain"):
@@ -254,8 +251,8 @@ def main(args):
              else f"{num_workers} worker process{'es' if num_workers > 1 else ''} x "
                   f"{threads} thread{'s' if threads > 1 else ''}")
     rows.append([f"jpeg {JPEG_SIZE[0]}x{JPEG_SIZE[1]} -> random-resized crop {CROP_SIZE}: "
-                 f"grain, {where}", args.jpeg_batch_size, num_workers, common.median(rates),
-                 "-", common.median(startups)])
+                 f"grain, {where}", args.jpeg_batch_size, num_workers, timing.median(rates),
+                 "-", timing.median(startups)])
   print(f"# medians of {args.rounds} rounds (cifar10), {jpeg_rounds} (jpeg); "
         f"loadavg after: {'%.2f %.2f %.2f' % os.getloadavg()}")
   common.print_table(["input", "batch", "workers", "images/s", "vs hand-written",

@@ -16,23 +16,20 @@ The pipeline is not the bottleneck when pipeline images/s are well above the
 step's (headroom = pipeline / step) and the loop runs as fast as the step
 alone. benchmarks/grain_input.py times the input pipeline on its own.
 
-  python benchmarks/input_pipeline.py
-  python benchmarks/input_pipeline.py --model resnet20 --num_copies 4 --steps 10
+  python -m benchmarks.input_pipeline
+  python -m benchmarks.input_pipeline --model resnet20 --num_copies 4 --steps 10
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import jax
 
-import jax  # noqa: E402
-
-from trainer import image, input_pipeline  # noqa: E402
+from benchmarks import common
+from trainer import image, image_batches, image_data, timing
 
 DATA_DIR = os.path.join(common.REPO, "..", "shared", "tfds")
 
@@ -50,33 +47,36 @@ def parse_args(argv=None):
 
 def main(args):
   start = time.perf_counter()
-  dataset = input_pipeline.load_dataset("cifar10", "train", args.data_dir)
+  dataset = image_data.load_dataset("cifar10", "train", args.data_dir)
   load_seconds = time.perf_counter() - start
-  steps = common.Steps(args.model, args.batch_size)
-  augmentation = steps.augmentation
   num_copies = args.num_copies
+  config = common.with_maxup(common.benchmark_config(args.model, args.batch_size),
+                             num_copies=num_copies)
+  steps = common.image_steps(config)
+  augmentation = image.make_augmentation(config.augment, config.dataset,
+                                         steps.facts.num_classes)
 
   @jax.jit
   def augment(batch, key):
-    images = image.to_unit_float(batch["image"])
+    images = image_data.to_unit_float(batch["image"])
     keys = jax.random.split(key, num_copies * images.shape[0])
     keys = keys.reshape(num_copies, images.shape[0])
     return jax.vmap(lambda k: augmentation(k, images, batch["label"]))(keys)
 
-  common.print_environment(model=args.model, batch_size=args.batch_size,
+  timing.print_environment(model=args.model, batch_size=args.batch_size,
                            num_copies=num_copies, train_examples=dataset.num_examples,
                            dataset_load_and_decode_s=round(load_seconds, 1))
 
   def batches():
-    return input_pipeline.train_iterator(dataset, args.batch_size, seed=0)
+    return image_batches.train_iterator(dataset, args.batch_size, seed=0)
 
   key = jax.random.key(0)
   with batches() as source:
-    jax.block_until_ready(augment(input_pipeline.to_global_array(next(source),
-                                                                 steps.data_sharding), key))
+    jax.block_until_ready(augment(image_batches.to_global_array(next(source),
+                                                                steps.data_sharding), key))
     start = time.perf_counter()
     for i in range(args.pipeline_batches):
-      out = augment(input_pipeline.to_global_array(next(source), steps.data_sharding),
+      out = augment(image_batches.to_global_array(next(source), steps.data_sharding),
                     jax.random.fold_in(key, i))
       jax.block_until_ready(out)
     pipeline_seconds = time.perf_counter() - start
@@ -85,27 +85,27 @@ def main(args):
   rows = [["pipeline (grain batch gather, to device, augment m copies)",
            pipeline_rate, "-", "-"]]
   for m in sorted({1, num_copies}):
-    step_fn = steps.train_step(m)
-    resident = common.StepRunner(steps, step_fn, steps.batch())
+    step_fn = steps.train_steps[m]
+    resident = common.image_runner(steps, step_fn, common.random_batch(steps, args.batch_size))
     resident()  # Compiles.
     step_times = []
-    loop_state = steps.initial_state()
+    loop_state = steps.init_state()
     with batches() as source:
       loop_state, metrics = step_fn(
-          loop_state, input_pipeline.to_global_array(next(source), steps.data_sharding), key)
+          loop_state, image_batches.to_global_array(next(source), steps.data_sharding), key)
       jax.block_until_ready(metrics)
       # Interleave: one resident-batch step, then `steps` loop steps, alternately by halves.
       loop_seconds = 0.0
       for half in range(2):
         for _ in range(args.steps // 2):
-          step_times.append(common.timed(resident))
+          step_times.append(timing.timed(resident))
         start = time.perf_counter()
         for i in range(args.steps // 2):
-          batch = input_pipeline.to_global_array(next(source), steps.data_sharding)
+          batch = image_batches.to_global_array(next(source), steps.data_sharding)
           loop_state, metrics = step_fn(loop_state, batch, jax.random.fold_in(key, i))
         jax.block_until_ready(metrics)
         loop_seconds += time.perf_counter() - start
-    step_rate = args.batch_size / common.median(step_times)
+    step_rate = args.batch_size / timing.median(step_times)
     loop_rate = (args.steps // 2) * 2 * args.batch_size / loop_seconds
     label = "standard" if m == 1 else f"MaxUp two-pass m={m}"
     rows.append([f"{label} step, batch resident on device", step_rate,

@@ -13,21 +13,17 @@ Compiles each step (nothing runs) and reads XLA's buffer assignment
 peak = temp + argument + output - alias is the memory one step holds at its
 busiest moment; on CPU, and on GPU without fragmentation, it is exact.
 
-  python benchmarks/memory.py                          # ResNet-20 and ResNet-110, m=1,2,4,10
-  python benchmarks/memory.py --models wrn28_10 --copies 4
-  python benchmarks/memory.py --models resnet110 --copies 10 --remat
+  python -m benchmarks.memory                          # ResNet-20 and ResNet-110, m=1,2,4,10
+  python -m benchmarks.memory --models wrn28_10 --copies 4
+  python -m benchmarks.memory --models resnet110 --copies 10 --remat
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import jax  # noqa: E402
+from benchmarks import common
+from trainer import timing
 
 MIB = 2**20
 
@@ -58,19 +54,20 @@ def step_memory(jitted, state, batch, key) -> dict[str, float]:
 
 def main(args):
   copies = [int(m) for m in args.copies.split(",")]
-  common.print_environment(batch_size=args.batch_size, dtype=args.dtype)
+  timing.print_environment(batch_size=args.batch_size, dtype=args.dtype)
   rows = []
   for model_name in args.models.split(","):
-    steps = common.Steps(model_name, args.batch_size, dtype=args.dtype, remat=args.remat)
-    state = jax.eval_shape(steps.initial_state)
-    batch = jax.eval_shape(steps.batch)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    standard = step_memory(steps.train_step(1), state, batch, key)
+    config = common.benchmark_config(model_name, args.batch_size, args.dtype, remat=args.remat)
+    steps = common.image_steps(common.with_maxup(config, num_copies=1))
+    state, batch, key = (steps.abstract_state, steps.abstract_batch(args.batch_size),
+                         steps.abstract_key())
+    standard = step_memory(steps.train_steps[1], state, batch, key)
     rows.append([model_name, "standard", 1, standard["temp"], standard["argument"],
                  standard["output"], standard["alias"], standard["peak"], 1.0])
     for m in copies:
       for mode in ("two_pass", "single_pass"):
-        mem = step_memory(steps.train_step(m, mode), state, batch, key)
+        variant = common.image_steps(common.with_maxup(config, num_copies=m, mode=mode))
+        mem = step_memory(variant.train_steps[m], state, batch, key)
         rows.append([model_name, mode, m, mem["temp"], mem["argument"], mem["output"],
                      mem["alias"], mem["peak"], mem["peak"] / standard["peak"]])
       print(f"# done: {model_name} m={m}", flush=True)

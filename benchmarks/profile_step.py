@@ -1,8 +1,8 @@
 """Where a training step's time goes: XLA:CPU op time by kind, from a jax.profiler trace.
 
-  python benchmarks/profile_step.py                       # ResNet-20 standard step, batch 128
-  python benchmarks/profile_step.py --num_copies 4        # the MaxUp two-pass step
-  python benchmarks/profile_step.py --model airbench_32_64_128 --top 20
+  python -m benchmarks.profile_step                       # ResNet-20 standard step, batch 128
+  python -m benchmarks.profile_step --num_copies 4        # the MaxUp two-pass step
+  python -m benchmarks.profile_step --model airbench_32_64_128 --top 20
 
 Traces `--steps` calls of the step after warm-up (`jax.profiler.trace` with a
 Perfetto trace), sums the durations of the trace's complete events by kind
@@ -22,13 +22,12 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import jax
 
-import jax  # noqa: E402
+from benchmarks import common
+from trainer import timing
 
 _NOT_XLA_OPS = re.compile(r"::|PjitFunction|^\$|\.py|^ThunkExecutor|^Thunk$")
 
@@ -72,11 +71,14 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=12, help="rows before 'everything else'")
   args = parser.parse_args(argv)
 
-  steps = common.Steps(args.model, args.batch_size)
-  runner = common.StepRunner(steps, steps.train_step(args.num_copies), steps.batch())
+  config = common.with_maxup(common.benchmark_config(args.model, args.batch_size),
+                             num_copies=args.num_copies)
+  steps = common.image_steps(config)
+  runner = common.image_runner(steps, steps.train_steps[args.num_copies],
+                               common.random_batch(steps, args.batch_size))
   for _ in range(2):
     runner()
-  common.print_environment(model=args.model, batch_size=args.batch_size,
+  timing.print_environment(model=args.model, batch_size=args.batch_size,
                            num_copies=args.num_copies, steps=args.steps)
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):

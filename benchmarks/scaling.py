@@ -20,8 +20,8 @@ split). XLA counts a loop body once, not per iteration, so GFLOPs of the
 looped step are not comparable with the vmapped one; ratios compare each
 program with itself on one device.
 
-  python benchmarks/scaling.py
-  python benchmarks/scaling.py --tasks image --devices 1,4 --steps 2
+  python -m benchmarks.scaling
+  python -m benchmarks.scaling --tasks image --devices 1,4 --steps 2
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
+from trainer import timing  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -82,11 +81,13 @@ class ImageCase:
   """The image train step as the trainer builds it, on `num_devices` devices."""
 
   def __init__(self, args, num_devices, num_copies, copies_per_pass):
-    self.steps = common.Steps(args.model, args.batch_size, num_devices=num_devices)
-    self.steps.config.maxup.copies_per_pass = copies_per_pass
-    self.state = self.steps.initial_state()
-    self.step_fn = self.steps.train_step(num_copies)
-    self.batches = [self.steps.batch(seed) for seed in range(args.steps + 1)]
+    config = common.with_maxup(common.benchmark_config(args.model, args.batch_size),
+                               num_copies=num_copies, copies_per_pass=copies_per_pass)
+    steps = common.image_steps(config, num_devices)
+    self.state = steps.init_state()
+    self.step_fn = steps.train_steps[num_copies]
+    self.batches = [common.random_batch(steps, args.batch_size, seed)
+                    for seed in range(args.steps + 1)]
     self.sharded = self.batches[0]["image"]
 
   def args(self, i):
@@ -111,15 +112,15 @@ class LanguageCase:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, self.VOCAB_SIZE, (config.batch_size, config.bptt + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    self.runner = common.LanguageStepRunner(config, self.VOCAB_SIZE, batch, config.bptt,
-                                            num_copies, num_devices=num_devices)
+    self.runner = common.language_runner(config, self.VOCAB_SIZE, batch, config.bptt,
+                                         num_copies, num_devices=num_devices)
     self.step_fn = self.runner.step_fn
-    self.sharded = self.runner.batch["inputs"]
+    self.sharded = self.runner.inputs[0]["inputs"]
     self.batch_size = config.batch_size
 
   def args(self, i):
     r = self.runner
-    return r.state, r.batch, r.length, jax.random.fold_in(r.key, i)
+    return (r.state, *r.inputs, jax.random.fold_in(r.key, i))
 
   def run(self, compiled, i):
     r = self.runner
@@ -131,7 +132,7 @@ class LanguageCase:
 
 
 def main(args):
-  common.print_environment(model=args.model, batch_size=args.batch_size,
+  timing.print_environment(model=args.model, batch_size=args.batch_size,
                            num_copies=args.num_copies, lm_num_copies=args.lm_num_copies,
                            steps=args.steps)
   device_counts = [int(n) for n in args.devices.split(",")]
@@ -164,7 +165,7 @@ def main(args):
         max_diff = float(np.max(np.abs(np.array(losses) - np.array(reference_losses))))
         ratio = flops / (one_device_flops / num_devices) if one_device_flops else float("nan")
         rows.append([task, name, num_devices, flops / 1e9, f"{ratio:.2f}", temp / 2**20,
-                     compile_seconds, 1000 * common.median(step_times), f"{max_diff:.1e}"])
+                     compile_seconds, 1000 * timing.median(step_times), f"{max_diff:.1e}"])
         print(f"# done: {task}, {name}, {num_devices} devices", flush=True)
   print(f"# image: {args.model}, global batch {args.batch_size}; language: PTB-small "
         f"(2 x 200 LSTM, vocabulary 10k, 32 streams of 35 tokens); two-pass MaxUp; "

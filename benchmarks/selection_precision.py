@@ -6,7 +6,7 @@ script takes a trained image run, draws m copies of test images with the
 run's own augmentation, ranks them with the model in float32 and in
 bfloat16, and prints how often the worst copy agrees.
 
-  python benchmarks/selection_precision.py --workdir runs/cifar10_resnet20 --num_copies 4
+  python -m benchmarks.selection_precision --workdir runs/cifar10_resnet20 --num_copies 4
 """
 
 import functools
@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from maxup_jax import losses, models
-from trainer import checkpointing, image, input_pipeline
+from maxup_jax import losses
+from trainer import checkpointing, image, image_data
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A finished image training run.", required=True)
 NUM_COPIES = flags.DEFINE_integer("num_copies", 4, "Copies per example (m).")
@@ -48,13 +48,12 @@ def main(argv):
   with open(os.path.join(WORKDIR.value, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   restored = checkpointing.load_arrays(WORKDIR.value)
-  data = input_pipeline.load_dataset(config.dataset, "test", config.data_dir or None,
-                                     num_examples=NUM_IMAGES.value)
-  augmentation = image.make_augmentation(config, data.num_classes)
+  data = image_data.load_dataset(config.dataset, "test", config.data_dir or None,
+                                 num_examples=NUM_IMAGES.value)
+  augmentation = image.make_augmentation(config.augment, config.dataset, data.num_classes)
   results = {}
   for dtype in ("float32", "bfloat16"):
-    model = models.create_model(config.model, num_classes=data.num_classes,
-                                dtype=image.DTYPES[dtype])
+    model = image.build_model(config, data.num_classes, dtype)
     results[dtype] = jax.jit(functools.partial(copy_losses, model=model,
                                                augmentation=augmentation))
 
@@ -63,7 +62,7 @@ def main(argv):
   key = jax.random.key(SEED.value)
   m, b = NUM_COPIES.value, BATCH_SIZE.value
   for start in range(0, data.num_examples - b + 1, b):
-    images = image.to_unit_float(jnp.asarray(data.images[start:start + b]))
+    images = image_data.to_unit_float(jnp.asarray(data.images[start:start + b]))
     labels = jnp.asarray(data.labels[start:start + b])
     keys = jax.random.split(jax.random.fold_in(key, start), m * b).reshape(m, b)
     f32 = results["float32"](restored["params"], restored["batch_stats"], images, labels, keys)

@@ -14,19 +14,18 @@ The ideal MaxUp step costs (a) + (d). Ratios are computed per round (the
 variants of a round run back to back, so they see the same machine load)
 and their medians reported.
 
-  python benchmarks/step_overhead.py                                  # ResNet-20, m=1,2,4,10
-  python benchmarks/step_overhead.py --model resnet110 --repeats 2 --single_pass_max_copies 4
-  python benchmarks/step_overhead.py --copies 1,2,4,10 --repeats 3 --large_batch_baseline
+  python -m benchmarks.step_overhead                                  # ResNet-20, m=1,2,4,10
+  python -m benchmarks.step_overhead --model resnet110 --repeats 2 --single_pass_max_copies 4
+  python -m benchmarks.step_overhead --copies 1,2,4,10 --repeats 3 --large_batch_baseline
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from trainer import timing
 
 
 def parse_args(argv=None):
@@ -46,25 +45,31 @@ def parse_args(argv=None):
 
 def main(args):
   copies = [int(m) for m in args.copies.split(",")]
-  steps = common.Steps(args.model, args.batch_size, dtype=args.dtype)
-  batch = steps.batch()
-  common.print_environment(model=args.model, batch_size=args.batch_size, dtype=args.dtype,
+  config = common.benchmark_config(args.model, args.batch_size, args.dtype)
+  steps = common.image_steps(common.with_maxup(config, num_copies=1))
+  batch = common.random_batch(steps, args.batch_size)
+  timing.print_environment(model=args.model, batch_size=args.batch_size, dtype=args.dtype,
                            repeats=args.repeats)
-  runners = {"a": common.StepRunner(steps, steps.train_step(1), batch)}
+  runners = {"a": common.image_runner(steps, steps.train_steps[1], batch)}
   for m in copies:
-    runners[f"b{m}"] = common.StepRunner(steps, steps.train_step(m, "two_pass"), batch)
+    two_pass = common.image_steps(common.with_maxup(config, num_copies=m, mode="two_pass"))
+    runners[f"b{m}"] = common.image_runner(two_pass, two_pass.train_steps[m], batch)
     if m <= args.single_pass_max_copies:
-      runners[f"c{m}"] = common.StepRunner(steps, steps.train_step(m, "single_pass"), batch)
-    runners[f"d{m}"] = common.StepRunner(steps, steps.selection_forward(m), batch,
-                                         is_train_step=False)
+      single_pass = common.image_steps(common.with_maxup(config, num_copies=m,
+                                                         mode="single_pass"))
+      runners[f"c{m}"] = common.image_runner(single_pass, single_pass.train_steps[m], batch)
+    runners[f"d{m}"] = common.image_runner(steps, common.selection_forward(config, steps, m),
+                                           batch, updates_state=False)
     if args.large_batch_baseline and m <= args.single_pass_max_copies:
-      large = common.Steps(args.model, m * args.batch_size, dtype=args.dtype)
-      runners[f"e{m}"] = common.StepRunner(large, large.train_step(1), large.batch())
-  times = common.interleaved_medians(runners, args.repeats, warmup=1)
-  ms = {name: 1000 * common.median(t) for name, t in times.items()}
+      large_config = common.benchmark_config(args.model, m * args.batch_size, args.dtype)
+      large = common.image_steps(common.with_maxup(large_config, num_copies=1))
+      runners[f"e{m}"] = common.image_runner(
+          large, large.train_steps[1], common.random_batch(large, m * args.batch_size))
+  times = timing.interleaved_medians(runners, args.repeats, warmup=1)
+  ms = {name: 1000 * timing.median(t) for name, t in times.items()}
 
   def per_round_median(numerator, denominator):
-    return common.median([n / d for n, d in zip(numerator, denominator)])
+    return timing.median([n / d for n, d in zip(numerator, denominator)])
 
   rows = []
   a = times["a"]

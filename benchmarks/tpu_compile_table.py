@@ -1,8 +1,8 @@
 """BENCHMARKS.md's TPU table: every paper config compiled for its natural TPU preset.
 
-    python benchmarks/tpu_compile_table.py            # compile what is missing, print the table
-    python benchmarks/tpu_compile_table.py --write    # ... and put it into BENCHMARKS.md
-    python benchmarks/tpu_compile_table.py --table    # only print the table from what is stored
+    python -m benchmarks.tpu_compile_table            # compile what is missing, print the table
+    python -m benchmarks.tpu_compile_table --write    # ... and put it into BENCHMARKS.md
+    python -m benchmarks.tpu_compile_table --table    # only print the table from what is stored
 
 Each config runs `train.py --config configs/hardware.py:PRESET:BASE:ARG
 --compile_only --json_out benchmarks/tpu_compile/NAME.json` in its own
@@ -60,7 +60,6 @@ def result_path(preset, base, arg):
 
 
 def environment() -> dict:
-  sys.path.insert(0, REPO)
   import jax
   from importlib import metadata
   from trainer.metrics import cpu_name

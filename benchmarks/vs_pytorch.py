@@ -8,9 +8,9 @@ forward passes under `torch.no_grad()`, the per-example argmax over the copies
 and one forward/backward on the winners. Both frameworks use the same number
 of threads (all cores by default) and are called in turn in every round.
 
-  python benchmarks/vs_pytorch.py                         # ResNet-20, batch 128, m=4
-  python benchmarks/vs_pytorch.py --model resnet110 --repeats 3
-  python benchmarks/vs_pytorch.py --xla_flags=--xla_cpu_use_onednn=true
+  python -m benchmarks.vs_pytorch                         # ResNet-20, batch 128, m=4
+  python -m benchmarks.vs_pytorch --model resnet110 --repeats 3
+  python -m benchmarks.vs_pytorch --xla_flags=--xla_cpu_use_onednn=true
 
 Needs PyTorch (the `bench` extra): pip install torch.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def parse_args(argv=None):
@@ -41,18 +40,16 @@ if ARGS is not None and ARGS.xla_flags:
   # XLA reads its flags once, when the backend starts: set them before importing jax.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (sets up the import path of the repository)
+from benchmarks import common  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from trainer import image  # noqa: E402
+from trainer import image_data, timing  # noqa: E402
 
-MEAN, STD = image.DATASET_STATS["cifar10"]
+MEAN, STD = image_data.DATASET_STATS["cifar10"]
 
 
 # ---------------------------------------------------------------------------
@@ -178,15 +175,17 @@ class TorchTrainer:
 def main(args):
   torch.set_num_threads(args.threads)
   depth = int(args.model.removeprefix("resnet"))
-  steps = common.Steps(args.model, args.batch_size)
-  batch = steps.batch()
+  config = common.with_maxup(common.benchmark_config(args.model, args.batch_size),
+                             num_copies=args.num_copies)
+  steps = common.image_steps(config)
+  batch = common.random_batch(steps, args.batch_size)
   host_images = np.asarray(batch["image"])
   host_labels = np.asarray(batch["label"])
 
   runners = {
-      "jax standard": common.StepRunner(steps, steps.train_step(1), batch),
-      f"jax maxup m={args.num_copies}": common.StepRunner(
-          steps, steps.train_step(args.num_copies), batch),
+      "jax standard": common.image_runner(steps, steps.train_steps[1], batch),
+      f"jax maxup m={args.num_copies}": common.image_runner(
+          steps, steps.train_steps[args.num_copies], batch),
   }
   torch_trainer = TorchTrainer(depth, host_images, host_labels)
   runners["torch standard"] = torch_trainer.standard_step
@@ -197,11 +196,11 @@ def main(args):
     runners[f"torch channels_last maxup m={args.num_copies}"] = (
         lambda: nhwc.maxup_step(args.num_copies))
 
-  common.print_environment(torch=torch.__version__, threads=args.threads,
+  timing.print_environment(torch=torch.__version__, threads=args.threads,
                            torch_threads=torch.get_num_threads(), model=args.model,
                            batch_size=args.batch_size, repeats=args.repeats)
-  times = common.interleaved_medians(runners, args.repeats, warmup=2)
-  medians = {name: common.median(t) for name, t in times.items()}
+  times = timing.interleaved_medians(runners, args.repeats, warmup=2)
+  medians = {name: timing.median(t) for name, t in times.items()}
   best = {name: min(t) for name, t in times.items()}
   rows = []
   for kind in ("standard", f"maxup m={args.num_copies}"):

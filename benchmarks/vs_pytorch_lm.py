@@ -11,15 +11,16 @@ the copies' losses and one forward/backward on the winners' masks; then SGD
 with gradient clipping and weight decay, the learning rate scaled by
 length / bptt. The hidden state is carried from step to step, as in training.
 
-Our side is `trainer.language.make_train_step`, what `train.py` runs, on a
-segment padded to the config's `seq_len_bucket` as the training loop pads it.
+Our side is the train step of `trainer.language.build_steps`, what `train.py`
+runs, on a segment padded to the config's `seq_len_bucket` as the training
+loop pads it.
 Both frameworks use the same number of threads (all cores by default) and
 are called in turn in every round. `JAX sys/user` is the system / user CPU
 time of the process during the timed JAX calls (`os.times()`).
 
-  python benchmarks/vs_pytorch_lm.py                       # both shapes, m=2
-  python benchmarks/vs_pytorch_lm.py --shapes wikitext2 --repeats 5
-  python benchmarks/vs_pytorch_lm.py --shapes none --eval  # evaluation of a WikiText-2-size text
+  python -m benchmarks.vs_pytorch_lm                       # both shapes, m=2
+  python -m benchmarks.vs_pytorch_lm --shapes wikitext2 --repeats 5
+  python -m benchmarks.vs_pytorch_lm --shapes none --eval  # evaluation of a WikiText-2-size text
 
 Needs PyTorch (the `bench` extra): pip install torch.
 """
@@ -50,7 +51,7 @@ def parse_args(argv=None):
   parser.add_argument("--seq_len_bucket", type=int, default=0,
                       help="pad segments to a multiple of this (0 = the config's)")
   parser.add_argument("--vocab_chunk_size", type=int, default=-1,
-                      help="our loss's vocabulary chunk (-1 = the trainer's default, "
+                      help="our loss's vocabulary chunk (-1 = the config's, "
                            "0 = full logits)")
   parser.add_argument("--jax_variants", default="",
                       help="more JAX steps to time beside the default one, ';'-separated, each "
@@ -73,8 +74,7 @@ if ARGS is not None and ARGS.xla_flags:
   # XLA reads its flags once, when the backend starts: set them before importing jax.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (sets up the import path of the repository)
+from benchmarks import common  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -83,7 +83,7 @@ from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from configs import ptb_small_lstm  # noqa: E402
-from trainer import language, text_data  # noqa: E402
+from trainer import core, language, text_data, timing  # noqa: E402
 
 
 def shape_config(shape: str, args, variant: str = ""):
@@ -259,7 +259,7 @@ def compare_step(shape: str, args) -> list[list]:
       variant_config = shape_config(shape, args, variant)
       padded = text_data.padded_length(args.bptt, variant_config.seq_len_bucket)
       batch = text_data.segment(streams, 0, args.bptt, padded)
-      runners[f"jax {kind} {variant}"] = common.LanguageStepRunner(
+      runners[f"jax {kind} {variant}"] = common.language_runner(
           variant_config, vocab_size, batch, args.bptt, copies)
     torch_trainers[kind] = TorchTrainer(config, vocab_size, batch["inputs"], batch["targets"],
                                         args.bptt)
@@ -268,8 +268,8 @@ def compare_step(shape: str, args) -> list[list]:
   runners[f"torch {maxup_kind}"] = TimedCPU(
       lambda: torch_trainers[maxup_kind].maxup_step(args.num_copies))
 
-  times = common.interleaved_medians(runners, args.repeats, warmup=2)
-  medians = {name: common.median(t) for name, t in times.items()}
+  times = timing.interleaved_medians(runners, args.repeats, warmup=2)
+  medians = {name: timing.median(t) for name, t in times.items()}
   best = {name: min(t) for name, t in times.items()}
   tokens = args.bptt * config.batch_size
   rows = []
@@ -285,7 +285,7 @@ def compare_step(shape: str, args) -> list[list]:
         f"LSTM (embedding {config.model.embed_dim}), batch {config.batch_size}, bptt "
         f"{args.bptt} (ours padded to {text_data.padded_length(args.bptt, config.seq_len_bucket)}"
         f" unless a variant says otherwise), vocab_chunk_size "
-        f"{language.configured_vocab_chunk_size(config)}; loadavg after: "
+        f"{config.vocab_chunk_size}; loadavg after: "
         f"{'%.2f %.2f %.2f' % os.getloadavg()}")
   sys.stdout.flush()
   return rows
@@ -298,28 +298,30 @@ def compare_step(shape: str, args) -> list[list]:
 def time_evaluation(args) -> list[list]:
   config = shape_config("wikitext2", args)
   vocab_size = SHAPES["wikitext2"]["vocab_size"]
-  model = language.create_model(config, vocab_size)
-  params = jax.jit(lambda: language.initial_train_state(model, 1, jax.random.key(0)).params)()
   tokens = np.random.default_rng(0).integers(0, vocab_size, WIKITEXT2_VALID_TOKENS,
                                              dtype=np.int32)
   segments = jax.device_put(text_data.stacked_segments(
       text_data.batchify(tokens, config.eval_batch_size), config.bptt))
   rows, results = [], {}
-  variants = {"full logits": 0, "chunked (default)": None}
+  variants = {"full logits": 0,
+              "chunked (default)": ptb_small_lstm.get_config().vocab_chunk_size}
   for name, chunk in variants.items():
-    kwargs = {} if chunk is None else {"vocab_chunk_size": chunk}
-    evaluate = lambda: jax.block_until_ready(language._evaluate_segments(
-        params, segments, model=model, batch_size=config.eval_batch_size, **kwargs))
+    config.vocab_chunk_size = chunk
+    # The same seed, so the same weights for both losses.
+    steps = language.build_steps(config, core.create_mesh(1), vocab_size)
+    params = steps.init_state().params
+    evaluate = lambda: jax.block_until_ready(
+        steps.eval_step(params, segments, config.eval_batch_size))
     evaluate()  # Compilation.
     seconds, cpu = [], []
     for _ in range(args.eval_repeats):
       before = os.times()
-      seconds.append(common.timed(evaluate))
+      seconds.append(timing.timed(evaluate))
       after = os.times()
       cpu.append((after.user - before.user, after.system - before.system))
     total, count = evaluate()
     results[name] = float(total / count)
-    rows.append([name, common.median(seconds), WIKITEXT2_VALID_TOKENS / common.median(seconds),
+    rows.append([name, timing.median(seconds), WIKITEXT2_VALID_TOKENS / timing.median(seconds),
                  sys_over_user(cpu, args.eval_repeats), f"{results[name]:.7f}"])
   print(f"# evaluation: {WIKITEXT2_VALID_TOKENS} synthetic tokens, vocab {vocab_size}, "
         f"1 x 64 LSTM, eval batch {config.eval_batch_size}, segments of {config.bptt}; "
@@ -333,7 +335,7 @@ def main(args):
   for shape in shapes:
     if shape not in SHAPES:
       raise SystemExit(f"unknown shape {shape!r}; valid: {sorted(SHAPES)}")
-  common.print_environment(torch=torch.__version__, threads=args.threads,
+  timing.print_environment(torch=torch.__version__, threads=args.threads,
                            torch_threads=torch.get_num_threads(), repeats=args.repeats,
                            num_copies=args.num_copies)
   rows = []

@@ -5,8 +5,8 @@ subprocess, which times the standard step and the MaxUp two-pass step
 (ResNet-20 by default) in interleaved rounds. The baseline runs first and
 last, so drift of the machine's load between subprocesses shows.
 
-  python benchmarks/xla_attempts.py                 # every attempt below
-  python benchmarks/xla_attempts.py --only baseline,onednn
+  python -m benchmarks.xla_attempts                 # every attempt below
+  python -m benchmarks.xla_attempts --only baseline,onednn
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+# The attempts' subprocesses start from the XLA_FLAGS this process was given:
+# importing `common` adds train.py's XLA:CPU defaults to this process's own.
+GIVEN_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+
+from benchmarks import common  # noqa: E402
+from trainer import timing  # noqa: E402
 
 # name -> (XLA_FLAGS, extra worker arguments). Every attempt runs on XLA's own
 # defaults plus its flags (MAXUP_JAX_XLA_DEFAULTS=0), so "baseline" is stock
@@ -52,41 +60,39 @@ def parse_args(argv=None):
 
 def worker(args):
   """Times the two steps in this process; prints one JSON line."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import time
-
-  import common
-  steps = common.Steps(args.model, args.batch_size, dtype=args.dtype, donate=not args.no_donate)
-  batch = steps.batch()
+  config = common.with_maxup(common.benchmark_config(args.model, args.batch_size, args.dtype),
+                             num_copies=args.num_copies)
+  steps = common.image_steps(config)
+  batch = common.random_batch(steps, args.batch_size)
   runners = {}
   compile_seconds = {}
   for name, m in (("standard", 1), ("maxup", args.num_copies)):
-    runner = common.StepRunner(steps, steps.train_step(m), batch)
+    step_fn = common.undonated(steps.train_steps[m]) if args.no_donate else steps.train_steps[m]
+    runner = common.image_runner(steps, step_fn, batch)
     start = time.perf_counter()
     runner()
     compile_seconds[name] = time.perf_counter() - start
     runners[name] = runner
-  times = common.interleaved_medians(runners, args.repeats, warmup=1)
+  times = timing.interleaved_medians(runners, args.repeats, warmup=1)
   print(json.dumps({"times": times, "first_call_seconds": compile_seconds,
                     "loadavg": os.getloadavg()}))
 
 
 def main(args):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import common
   wanted = [w.strip() for w in args.only.split(",") if w.strip()]
   names = [n for n in ATTEMPTS if not wanted or n in wanted or n.split()[0] in wanted]
-  common.print_environment(model=args.model, batch_size=args.batch_size,
-                           num_copies=args.num_copies, repeats=args.repeats)
+  timing.print_environment(model=args.model, batch_size=args.batch_size,
+                           num_copies=args.num_copies, repeats=args.repeats,
+                           XLA_FLAGS=GIVEN_XLA_FLAGS)
   rows = []
   for name in names:
     flags, extra = ATTEMPTS[name]
     env = dict(os.environ, MAXUP_JAX_XLA_DEFAULTS="0")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
+    env["XLA_FLAGS"] = (GIVEN_XLA_FLAGS + " " + flags).strip()
+    command = [sys.executable, "-m", "benchmarks.xla_attempts", "--worker", "--model", args.model,
                "--batch_size", str(args.batch_size), "--num_copies", str(args.num_copies),
                "--repeats", str(args.repeats)] + extra
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, cwd=common.REPO, capture_output=True, text=True)
     lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
     if result.returncode or not lines:
       error = (result.stderr.strip().splitlines() or ["?"])[-1]
@@ -95,8 +101,8 @@ def main(args):
     out = json.loads(lines[-1])
     standard, maxup = out["times"]["standard"], out["times"]["maxup"]
     rows.append([name, flags or " ".join(extra) or "-",
-                 1000 * min(standard), 1000 * common.median(standard),
-                 1000 * min(maxup), 1000 * common.median(maxup),
+                 1000 * min(standard), 1000 * timing.median(standard),
+                 1000 * min(maxup), 1000 * timing.median(maxup),
                  out["first_call_seconds"]["maxup"], "%.1f" % out["loadavg"][0]])
     print(f"# done: {name}", flush=True)
   common.print_table(

@@ -7,16 +7,15 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from benchmarks import gpu
 
-import gpu  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dry_run_prints_the_table_and_saves_it_as_it_goes(tmp_path):
   out = tmp_path / "results" / "gpu.jsonl"
   # m=2 runs; m=3 must be skipped: the budget is spent by the first unit.
-  args = [sys.executable, "benchmarks/gpu.py", "--dry_run", "--copies", "2,3",
+  args = [sys.executable, "-m", "benchmarks.gpu", "--dry_run", "--copies", "2,3",
           "--time_budget_s", "1", "--grace_s", "120", "--out", str(out)]
   # XLA:CPU's compilations dominate; without LLVM optimisation they take a third of the time.
   env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")

@@ -1,4 +1,4 @@
-"""benchmarks/grain_input.py runs end to end (its --quick smoke run) and prints its table."""
+"""`python -m benchmarks.grain_input --quick`, its smoke run, runs end to end and prints a table."""
 
 from pathlib import Path
 import subprocess
@@ -14,7 +14,7 @@ TFDS_DIR = REPO.parent / 'shared' / 'tfds'
                     reason=f'prepared cifar10 not found under {TFDS_DIR}')
 def test_grain_input_benchmark_quick_run():
   result = subprocess.run(
-      [sys.executable, 'benchmarks/grain_input.py', '--quick', '--data_dir', str(TFDS_DIR)],
+      [sys.executable, '-m', 'benchmarks.grain_input', '--quick', '--data_dir', str(TFDS_DIR)],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith('| ')]
