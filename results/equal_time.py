@@ -1,43 +1,53 @@
 """Epochs that give the baseline (m=1) the training time of a MaxUp config.
 
-  python results/equal_time.py --config configs/results_cifar10_scratch.py:4 --out FILE.json
-  python results/equal_time.py --config configs/results_ptb.py:2
+  python -m results.equal_time --config results/configs/cifar10_scratch.py:4 --out FILE.json
+  python -m results.equal_time --config results/configs/ptb.py:2
 
-Times the config's training step (image or language model) at m=1 and at its
-m in interleaved rounds in one process (so load from other processes hits
-both alike), and prints
+Times the config's training step (image or language model, as
+`trainer.image.build_steps` / `trainer.language.build_steps` build it for
+train.py) at m=1 and at its m in interleaved rounds in one process
+(`trainer.timing`: load from other processes hits both alike), and prints
 
   equal-time epochs = warm-up + (epochs - warm-up) * t_MaxUp / t_baseline,
 
 rounded to a multiple of --unit: MaxUp runs its first `maxup.warmup_epochs`
 (language models: none) at the baseline's cost. A ratio of step times
 measured side by side is steadier than a ratio of two runs' wall times on a
-shared machine; evaluation, the same for both, is left out. A language-model
-step is timed on random tokens over the corpus's published vocabulary, at
-the config's batch size and full `bptt` segment length. With --out, the
-measurement is written there and reused when the file exists.
+shared machine; evaluation, the same for both, is left out. Steps run on one
+device. An image step is timed on random images of the dataset's published
+shape; a language-model step on random tokens over the corpus's published
+vocabulary, at the config's batch size and full `bptt` segment length. With
+--out, the measurement is written there and reused when the file exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import common  # noqa: E402  (puts the repository on the import path)
+from trainer import xla_cpu
+
+# train.py's XLA:CPU defaults, so that the steps timed are the steps the runs train with.
+xla_cpu.apply_defaults()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import text_data  # noqa: E402
+from trainer import core, image, image_data, language, text_data, timing  # noqa: E402
 
 
 def load_config(spec: str):
-  """`configs/NAME.py:ARG` -> that file's get_config(ARG)."""
+  """`PATH.py:ARG` (as train.py's --config takes it) -> that file's get_config(ARG)."""
   path, _, arg = spec.partition(":")
-  module = importlib.import_module("configs." + os.path.splitext(os.path.basename(path))[0])
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  if module_spec is None:
+    raise SystemExit(f"--config {spec}: no Python file at {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
 
 
@@ -48,34 +58,44 @@ def equal_time_epochs(config, ratio: float, unit: float) -> float:
   return round(epochs / unit) * unit
 
 
-def step_runners(config) -> dict:
-  """A runner of the config's training step at m=1 and at its m."""
+def step_runners(config) -> dict[int, timing.StepRunner]:
+  """The config's training step at m=1 and at its m, each on a fresh state of its own."""
   num_copies = config.maxup.num_copies
-  if config.get("task", "image") == "language":
+  mesh = core.create_mesh(1)
+  rng = np.random.default_rng(0)
+  if config.task == "language":
     vocab_size = text_data.PUBLISHED_COUNTS[config.dataset].vocab
-    streams = np.random.default_rng(0).integers(
-        0, vocab_size, (config.batch_size, config.bptt + 1), dtype=np.int32)
+    steps = language.build_steps(config, mesh, vocab_size)
+    streams = rng.integers(0, vocab_size, (config.batch_size, config.bptt + 1), dtype=np.int32)
     padded = text_data.padded_length(config.bptt, config.seq_len_bucket)
     batch = text_data.segment(streams, 0, config.bptt, padded)
-    return {m: common.LanguageStepRunner(config, vocab_size, batch, config.bptt, m)
-            for m in (1, num_copies)}
-  steps = common.Steps(config.model, config.batch_size, dtype=config.dtype, config=config)
-  batch = steps.batch()
-  return {m: common.StepRunner(steps, steps.train_step(m), batch) for m in (1, num_copies)}
+    inputs = (jax.device_put(batch, steps.data_sharding), jnp.int32(config.bptt))
+  else:
+    facts = image_data.published_dataset_facts(config.dataset, config.num_train_examples,
+                                               config.num_eval_examples)
+    steps = image.build_steps(config, mesh, facts)
+    abstract = steps.abstract_batch(config.batch_size)
+    batch = {"image": rng.integers(0, 256, abstract["image"].shape, dtype=np.uint8),
+             "label": rng.integers(0, facts.num_classes, abstract["label"].shape,
+                                   dtype=np.int32)}
+    inputs = (jax.device_put(batch, steps.data_sharding),)
+  return {m: timing.StepRunner(steps.train_steps[m], steps.init_state(), inputs,
+                               steps.train_key)
+          for m in (1, num_copies)}
 
 
 def measure(config, repeats: int) -> dict:
   """Seconds per step at m=1 and at the config's m, interleaved; their medians' ratio."""
   num_copies = config.maxup.num_copies
-  times = common.interleaved_medians(step_runners(config), repeats, warmup=2)
-  baseline, maxup = common.median(times[1]), common.median(times[num_copies])
+  times = timing.interleaved_medians(step_runners(config), repeats, warmup=2)
+  baseline, maxup = timing.median(times[1]), timing.median(times[num_copies])
   return {"num_copies": num_copies, "baseline_step_s": baseline, "maxup_step_s": maxup,
-          "ratio": maxup / baseline, "repeats": repeats, **common.environment()}
+          "ratio": maxup / baseline, "repeats": repeats, **timing.environment()}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="configs/NAME.py:ARG of the MaxUp run")
+  parser.add_argument("--config", required=True, help="PATH.py:ARG of the MaxUp run")
   parser.add_argument("--unit", type=float, default=1.0, help="round to a multiple of this")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--out", default="", help="JSON file to write, or to reuse if present")

@@ -1,17 +1,17 @@
 """results/equal_time.py: the equal-time epoch count, and step timing for image and language configs."""
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from results import equal_time
 from results.configs import cifar10_scratch, ptb
+from trainer import timing
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("equal_time", REPO / "results" / "equal_time.py")
-equal_time = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(equal_time)
 
 
 def test_epochs_charge_the_warm_up_at_the_baseline_cost_and_round_to_the_unit():
@@ -41,8 +41,11 @@ def test_image_configs_time_the_trainers_image_step():
   runners = equal_time.step_runners(config)
   # Built, not run: compiling two image steps would take a minute on a small CPU.
   assert set(runners) == {1, 4}
-  assert all(isinstance(r, equal_time.common.StepRunner) for r in runners.values())
+  assert all(isinstance(r, timing.StepRunner) for r in runners.values())
   assert runners[1].step_fn is not runners[4].step_fn
+  (batch,) = runners[4].inputs
+  assert batch["image"].shape == (config.batch_size, 32, 32, 3)
+  assert runners[1].state is not runners[4].state  # Each donates a state of its own.
 
 
 def test_language_configs_time_the_language_step():
@@ -74,3 +77,13 @@ def test_a_saved_measurement_is_reused(tmp_path, monkeypatch, capsys):
 def test_a_baseline_config_is_refused():
   with pytest.raises(SystemExit, match="num_copies=1; give the MaxUp config"):
     equal_time.main(["--config", "results/configs/ptb.py:1"])
+
+
+def test_runs_as_a_module_from_the_repository_root(tmp_path):
+  out = tmp_path / "equal_time.json"
+  out.write_text(json.dumps({"ratio": 2.0}))
+  result = subprocess.run(
+      [sys.executable, "-m", "results.equal_time", "--config", "results/configs/ptb.py:2",
+       "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == "12"  # 6 epochs, no warm-up, twice the step time.
