@@ -222,8 +222,7 @@ finetune_cutmix() {
         --config.num_epochs="$equal"
     done
   done
-  # The step-time ratio is measured with BatchNorm training (the benchmarks'
-  # step runner), applied to the frozen variant's 5 epochs.
+  # The step-time ratio is measured on the frozen variant's own steps (BatchNorm frozen).
   equal=$(measured_equal_time "$frozen" "$config:1e-4,4,frozen" 0.5)
   for seed in "${SEEDS[@]}"; do
     init=--config.init_checkpoint=$scratch/m1_seed$seed
