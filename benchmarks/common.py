@@ -30,7 +30,6 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cifar10_resnet20  # noqa: E402
-from maxup_jax import losses  # noqa: E402
 from trainer import core, image, image_data, language  # noqa: E402
 from trainer.timing import StepRunner  # noqa: E402
 
@@ -104,24 +103,17 @@ def selection_forward(config: ml_collections.ConfigDict, steps: image.Steps,
   """(d): the m-copy selection pass alone: losses of every copy, no gradient.
 
   Nothing in the trainer runs the selection on its own, so it is built here
-  from the steps' model and the config's augmentation: the train step's
-  per-example loss (augment, train-mode forward, cross-entropy), vmapped over
+  from the train step's per-example loss (`image.copy_loss_fn`), vmapped over
   the copies with stopped-gradient parameters and keyed as `maxup_loss` keys
   them; returns the winners and their losses so that nothing is dead code.
   """
-  model = steps.model
   augmentation = image.make_augmentation(config.augment, config.dataset, steps.facts.num_classes)
 
   def select(state, batch, key):
-    images = image_data.to_unit_float(batch["image"])
-    batch_size = images.shape[0]
-
-    def copy_loss(params, keys):
-      augmented, labels = augmentation(keys, images, batch["label"])
-      logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, augmented,
-                              train=True, mutable=["batch_stats"])
-      return losses.softmax_cross_entropy(logits, labels)
-
+    batch = {**batch, "image": image_data.to_unit_float(batch["image"])}
+    batch_size = batch["label"].shape[0]
+    loss_fn = image.copy_loss_fn(steps.model, augmentation, state.batch_stats)
+    copy_loss = lambda params, keys: loss_fn(params, batch, keys)[0]
     keys = jax.random.split(key, num_copies * batch_size).reshape(num_copies, batch_size)
     copy_losses = jax.vmap(copy_loss, in_axes=(None, 0))(jax.lax.stop_gradient(state.params),
                                                          keys)

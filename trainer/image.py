@@ -190,6 +190,31 @@ def _module_path(path) -> tuple[str, ...]:
 # Pure steps.
 
 
+def copy_loss_fn(model, augmentation, batch_stats, *, freeze_batch_norm: bool = False):
+  """The loss of one augmented copy of a batch, as `maxup_loss` calls it.
+
+  Returns `loss_fn(params, batch, keys) -> (per_example, (new_batch_stats, correct))`
+  for a batch {'image': float32 [B,H,W,C] in [0, 1], 'label': int32 [B]} and one
+  key per example: the cross-entropy `[B]` of the augmented copy in train mode
+  (BatchNorm on the batch's statistics, or with `freeze_batch_norm` on the
+  running ones, left unchanged), the updated statistics and top-1 hits `[B]`.
+  """
+
+  def loss_fn(params, batch, keys):
+    augmented, labels = augmentation(keys, batch["image"], batch["label"])
+    variables = {"params": params, "batch_stats": batch_stats}
+    if freeze_batch_norm:
+      logits = model.apply(variables, augmented, train=False)
+      new_stats = batch_stats
+    else:
+      logits, updates = model.apply(variables, augmented, train=True, mutable=["batch_stats"])
+      new_stats = updates["batch_stats"]
+    per_example = losses.softmax_cross_entropy(logits, labels)
+    return per_example, (new_stats, losses.topk_correct(logits, labels, 1))
+
+  return loss_fn
+
+
 def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_copies: int,
                mode: str, freeze_batch_norm: bool = False, selection_model=None,
                skip_nonfinite: bool = False, copies_per_pass: int = 1):
@@ -214,23 +239,9 @@ def train_step(state: TrainState, batch, key, *, model, tx, augmentation, num_co
     `nonfinite` (1.0 if this step's loss, gradient or updated weights hold
     a NaN/inf).
   """
-  images = image_data.to_unit_float(batch["image"])
-
-  def make_loss_fn(model):
-    def loss_fn(params, batch, keys):
-      augmented, labels = augmentation(keys, images, batch["label"])
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      if freeze_batch_norm:
-        logits = model.apply(variables, augmented, train=False)
-        new_stats = state.batch_stats
-      else:
-        logits, updates = model.apply(variables, augmented, train=True, mutable=["batch_stats"])
-        new_stats = updates["batch_stats"]
-      per_example = losses.softmax_cross_entropy(logits, labels)
-      correct = losses.topk_correct(logits, labels, 1)
-      return per_example, (new_stats, correct)
-    return loss_fn
-
+  batch = {**batch, "image": image_data.to_unit_float(batch["image"])}
+  make_loss_fn = lambda model: copy_loss_fn(model, augmentation, state.batch_stats,
+                                            freeze_batch_norm=freeze_batch_norm)
   select = None
   if selection_model is not None and mode == "two_pass":
     select = make_loss_fn(selection_model)
