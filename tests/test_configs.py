@@ -1,16 +1,15 @@
 """Every config file builds, and the presets scale as documented."""
 
 import importlib
-from pathlib import Path
 
 import pytest
 
 from configs import cifar_paper, hardware, imagenet_cutmix
+from conftest import REPO
 from results.configs import cifar10, cifar10_finetune, cifar10_gauss, cifar10_scratch
 from results.configs import mnist_gauss, ptb, ptb_asgd
 from trainer import image, language
 
-REPO = Path(__file__).resolve().parents[1]
 # The user presets and RESULTS.md's experiments, as modules.
 CONFIG_MODULES = sorted(".".join(p.relative_to(REPO).with_suffix("").parts)
                         for folder in ("configs", "results/configs")

@@ -8,13 +8,13 @@ out of them.
 import importlib
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 
 import maxup_jax
+from conftest import REPO
 
-API = Path(__file__).resolve().parents[1] / "docs" / "api"
+API = REPO / "docs" / "api"
 
 # page -> the modules it documents.
 PAGES = {

@@ -17,13 +17,10 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import DATA_DIR, needs_data
 from trainer import checkpointing, image_batches, image_data
 
-TFDS_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'tfds'
-needs_real_data = pytest.mark.skipif(
-    not (TFDS_DIR / 'cifar10').is_dir() or not (TFDS_DIR / 'mnist').is_dir(),
-    reason=f'prepared cifar10 and mnist not found under {TFDS_DIR}',
-)
+needs_real_data = needs_data('cifar10', 'mnist')
 
 REAL_DATASETS = {
     # name: (image_shape, num_train, num_test)
@@ -57,7 +54,7 @@ def _labels(batches):
 def cached_test_splits():
   """The cached test split of each real dataset (10,000 examples each)."""
   return {
-      name: image_data.load_dataset(name, 'test', data_dir=TFDS_DIR)
+      name: image_data.load_dataset(name, 'test', data_dir=DATA_DIR)
       for name in REAL_DATASETS
   }
 
@@ -67,20 +64,20 @@ def cached_test_splits():
 def test_real_train_split_matches_tfds(name):
   image_shape, num_train, _ = REAL_DATASETS[name]
   # Uncached: decoding 50k-60k examples is the slow part, not needed here.
-  train = image_data.load_dataset(name, 'train', TFDS_DIR, cache=False)
+  train = image_data.load_dataset(name, 'train', DATA_DIR, cache=False)
   assert train.num_examples == len(train) == num_train
   assert train.image_shape == image_shape
   assert train.num_classes == 10
   assert not train.is_cached
 
-  source = tfds.data_source(name, split='train', data_dir=str(TFDS_DIR))
+  source = tfds.data_source(name, split='train', data_dir=str(DATA_DIR))
   for index in (0, num_train - 1):
     example = train[index]
     np.testing.assert_array_equal(example['image'], source[index]['image'])
     assert example['label'] == source[index]['label']
 
   # A cached subset holds the first examples of the split.
-  subset = image_data.load_dataset(name, 'train', TFDS_DIR, num_examples=50)
+  subset = image_data.load_dataset(name, 'train', DATA_DIR, num_examples=50)
   assert subset.images.shape == (50, *image_shape)
   np.testing.assert_array_equal(subset.images[0], source[0]['image'])
   assert subset.labels[0] == source[0]['label']
@@ -98,7 +95,7 @@ def test_real_test_split_is_cached(name, cached_test_splits):
   assert test.labels.shape == (num_test,)
   assert test.labels.dtype == np.int32
   assert test.labels.min() == 0 and test.labels.max() == 9
-  source = tfds.data_source(name, split='test', data_dir=str(TFDS_DIR))
+  source = tfds.data_source(name, split='test', data_dir=str(DATA_DIR))
   for index in (0, 1234, num_test - 1):
     np.testing.assert_array_equal(test.images[index], source[index]['image'])
     assert test.labels[index] == source[index]['label']
@@ -118,7 +115,7 @@ def test_eval_covers_all_cifar10_test_images(cached_test_splits):
 
 @needs_real_data
 def test_real_train_batches():
-  train = image_data.load_dataset('cifar10', 'train', TFDS_DIR, num_examples=96)
+  train = image_data.load_dataset('cifar10', 'train', DATA_DIR, num_examples=96)
   batches = list(itertools.islice(_train(train, 32, seed=0), 4))
   batch = batches[0]
   assert batch['image'].shape == (32, 32, 32, 3)
@@ -129,7 +126,7 @@ def test_real_train_batches():
   assert all(image.tobytes() in rows for image in batch['image'])
   # The tfds source, read example by example in a worker process (which gets
   # a pickled copy of it), gives the batches that the cached arrays give.
-  uncached = image_data.load_dataset('cifar10', 'train', TFDS_DIR, cache=False)
+  uncached = image_data.load_dataset('cifar10', 'train', DATA_DIR, cache=False)
   with image_batches.train_iterator(
       uncached, 32, seed=0, num_examples=96, num_workers=1, process_count=1, process_index=0
   ) as from_source:
@@ -138,7 +135,7 @@ def test_real_train_batches():
 
 @needs_real_data
 def test_data_dir_from_environment(monkeypatch):
-  monkeypatch.setenv('TFDS_DATA_DIR', str(TFDS_DIR))
+  monkeypatch.setenv('TFDS_DATA_DIR', str(DATA_DIR))
   dataset = image_data.load_dataset('mnist', 'test', num_examples=10)
   assert dataset.images.shape == (10, 28, 28, 1)
 
@@ -166,11 +163,11 @@ def test_unknown_name_lists_valid_names():
 @needs_real_data
 def test_unknown_split_and_bad_subset():
   with pytest.raises(ValueError, match="Unknown split 'validation'.*test.*train"):
-    image_data.load_dataset('mnist', 'validation', TFDS_DIR)
+    image_data.load_dataset('mnist', 'validation', DATA_DIR)
   with pytest.raises(ValueError, match='num_examples'):
-    image_data.load_dataset('mnist', 'test', TFDS_DIR, num_examples=10_001)
+    image_data.load_dataset('mnist', 'test', DATA_DIR, num_examples=10_001)
   with pytest.raises(ValueError, match='cannot|too large'):
-    image_data.load_dataset('imagenet2012', 'train', TFDS_DIR, cache=True)
+    image_data.load_dataset('imagenet2012', 'train', DATA_DIR, cache=True)
 
 
 def test_bad_batch_and_process_arguments():

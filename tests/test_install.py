@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import maxup_jax
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINING_PROGRAMS = ("train.py", "certify.py")
 
 
@@ -42,7 +42,7 @@ def _requirement_names(lines: str) -> set[str]:
 
 def _setup_cfg() -> configparser.ConfigParser:
   config = configparser.ConfigParser()
-  config.read(ROOT / "setup.cfg")
+  config.read(REPO / "setup.cfg")
   return config
 
 
@@ -67,15 +67,15 @@ def _distributions(modules: set[str]) -> set[str]:
 
 
 def test_install_requires_are_the_library_imports():
-  imports = _imported_modules((ROOT / "maxup_jax").rglob("*.py")) - {"maxup_jax"}
+  imports = _imported_modules((REPO / "maxup_jax").rglob("*.py")) - {"maxup_jax"}
   required = _requirement_names(_setup_cfg()["options"]["install_requires"])
   assert _distributions(imports) == required
 
 
 def test_train_extra_covers_the_training_programs():
   local = {"maxup_jax", "trainer", "configs"}
-  paths = [*(ROOT / "trainer").rglob("*.py"), *(ROOT / "configs").glob("*.py"),
-           *(ROOT / name for name in TRAINING_PROGRAMS)]
+  paths = [*(REPO / "trainer").rglob("*.py"), *(REPO / "configs").glob("*.py"),
+           *(REPO / name for name in TRAINING_PROGRAMS)]
   imports = _imported_modules(paths) - local
   extras = _setup_cfg()["options.extras_require"]
   available = (_requirement_names(_setup_cfg()["options"]["install_requires"])
@@ -87,7 +87,7 @@ def test_train_extra_covers_the_training_programs():
 def test_training_program_checks_the_whole_train_extra(program):
   # The modules train.py and certify.py look for before importing anything.
   from trainer import stack
-  assert f'require_training_stack("{program}")' in (ROOT / program).read_text()
+  assert f'require_training_stack("{program}")' in (REPO / program).read_text()
   checked = set(stack.TRAINING_STACK)
   train_extra = _requirement_names(_setup_cfg()["options.extras_require"]["train"])
   assert _distributions(checked) == train_extra
@@ -96,7 +96,7 @@ def test_training_program_checks_the_whole_train_extra(program):
 @pytest.mark.parametrize("program", TRAINING_PROGRAMS)
 def test_training_program_without_the_stack_names_the_extra(program):
   # -S: no site-packages, as with the library alone; the check comes before any import.
-  run = subprocess.run([sys.executable, "-S", str(ROOT / program), "--help"],
+  run = subprocess.run([sys.executable, "-S", str(REPO / program), "--help"],
                        capture_output=True, text=True, timeout=60)
   assert run.returncode == 1
   assert 'pip install "maxup-jax[train]"' in run.stderr and "./make_venv.sh" in run.stderr
@@ -106,17 +106,17 @@ def test_training_program_without_the_stack_names_the_extra(program):
 def test_version_has_one_place():
   assert _setup_cfg()["metadata"]["version"] == "attr: maxup_jax.__version__"
   assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", maxup_jax.__version__)
-  assert f"## {maxup_jax.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+  assert f"## {maxup_jax.__version__}" in (REPO / "CHANGELOG.md").read_text()
 
 
 def test_license_is_apache_2():
-  text = (ROOT / "LICENSE").read_text()
+  text = (REPO / "LICENSE").read_text()
   assert "Apache License" in text and "Version 2.0, January 2004" in text
   assert _setup_cfg()["metadata"]["license"] == "Apache-2.0"
 
 
 def _readme_example() -> str:
-  text = (ROOT / "README.md").read_text()
+  text = (REPO / "README.md").read_text()
   section = text[text.index("## MaxUp in 15 lines"):]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -129,8 +129,8 @@ def test_wheel_installs_alone(tmp_path):
   source = tmp_path / "source"
   source.mkdir()
   for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
-    shutil.copy(ROOT / name, source / name)
-  shutil.copytree(ROOT / "maxup_jax", source / "maxup_jax",
+    shutil.copy(REPO / name, source / name)
+  shutil.copytree(REPO / "maxup_jax", source / "maxup_jax",
                   ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                   str(tmp_path / "dist"), str(source)], check=True, timeout=300)
@@ -161,6 +161,6 @@ def test_wheel_installs_alone(tmp_path):
   assert np.isfinite(float(loss))
 
   # The training programs say what is missing.
-  run = subprocess.run([python, str(ROOT / "train.py"), "--help"], cwd=tmp_path,
+  run = subprocess.run([python, str(REPO / "train.py"), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
   assert run.returncode == 1 and 'pip install "maxup-jax[train]"' in run.stderr, run.stderr

@@ -1,11 +1,12 @@
 """The README's example runs as written."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from conftest import REPO
+
+README = REPO / "README.md"
 
 
 def test_readme_example_runs():

@@ -1,16 +1,13 @@
 """The training step compiles once per num_copies value and never again."""
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 from configs import cifar10_resnet20
+from conftest import needs_cifar10, tiny_cifar_config
 from trainer import core, image, image_data
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "tfds"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -69,8 +66,7 @@ def test_train_step_compiles_once_per_num_copies(mode, backend_compiles, monkeyp
   assert int(state.step) == 6
 
 
-@pytest.mark.skipif(not (DATA_DIR / "cifar10").is_dir(),
-                    reason=f"real CIFAR-10 not found in {DATA_DIR}")
+@needs_cifar10
 def test_train_and_evaluate_traces_each_step_once(tmp_path, monkeypatch):
   """The real loop on real CIFAR-10: one trace of train_step per num_copies value."""
   traced = []
@@ -81,17 +77,9 @@ def test_train_and_evaluate_traces_each_step_once(tmp_path, monkeypatch):
     return original(state, batch, key, **kwargs)
 
   monkeypatch.setattr(image, "train_step", counted_train_step)
-  config = cifar10_resnet20.get_config()
-  config.data_dir = str(DATA_DIR)
-  config.model = "small_cnn"
-  config.num_train_examples = 128
-  config.num_eval_examples = 100
-  config.batch_size = 32
-  config.eval_batch_size = 100
-  config.num_epochs = 2  # 8 steps: 4 of standard augmentation, then 4 of MaxUp (m=4).
-  config.maxup.warmup_epochs = 1
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 100
+  # 8 steps: 4 of standard augmentation, then 4 of MaxUp (m=4).
+  config = tiny_cifar_config(model="small_cnn", num_train_examples=128, num_eval_examples=100,
+                             batch_size=32, log_every_steps=2, checkpoint_every_steps=100)
   summary = image.train_and_evaluate(config, str(tmp_path))
   assert summary["steps"] == 8
   assert sorted(traced) == [1, config.maxup.num_copies]

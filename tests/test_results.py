@@ -4,13 +4,13 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, flat_config, needs_cifar10, records, shrink
+
 FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablation.png",
            "cifar10_finetune_curves.png", "ptb_valid_perplexity.png", "mnist_certified_accuracy.png",
            "mnist_input_gradient_norm.png", "cifar10_certified_accuracy.png",
@@ -168,23 +168,12 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
 # Experiment 10's config (results/configs/cifar10_finetune_cutmix.py) and run.sh target.
 
 
-def _flat(config):
-  return dict(_items(config.to_dict()))
-
-
-def _items(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _items(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def test_cutmix_finetune_config_builds_the_papers_recipe():
   sys.path.insert(0, str(REPO))
   from results.configs import cifar10_finetune_cutmix as ft, cifar10_scratch
 
-  pretrain, scratch = _flat(ft.get_config("pretrain")), _flat(cifar10_scratch.get_config("1"))
+  pretrain = flat_config(ft.get_config("pretrain"))
+  scratch = flat_config(cifar10_scratch.get_config("1"))
   # Experiment 6's baseline with CutMix in place of Cutout, nothing else.
   assert {k for k in scratch if pretrain[k] != scratch[k]} == {"augment.cutout_length",
                                                                "augment.cutmix_alpha"}
@@ -196,7 +185,8 @@ def test_cutmix_finetune_config_builds_the_papers_recipe():
     assert maxup.maxup.warmup_epochs == 0 and maxup.init_checkpoint == ft.PRETRAINED
     assert maxup.augment.cutmix_alpha == 1.0 and maxup.augment.cutout_length == 0
     # The methods differ only in the number of copies.
-    assert {k for k, v in _flat(maxup).items() if _flat(standard)[k] != v} == {"maxup.num_copies"}
+    baseline = flat_config(standard)
+    assert {k for k, v in flat_config(maxup).items() if baseline[k] != v} == {"maxup.num_copies"}
   frozen = ft.get_config("1e-4,4,frozen")
   assert frozen.freeze_batch_norm and frozen.num_epochs == 5 and frozen.learning_rate == 1e-4
   for bad in ("1e-2,4", "1e-5,2", "1e-5", "1e-5,4,thawed", "cutmix,4"):
@@ -212,35 +202,23 @@ def test_run_sh_has_the_cutmix_finetune_target():
   assert usage.returncode == 2 and "finetune_cutmix" in usage.stderr
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "tfds" / "cifar10").is_dir(),
-                    reason="real CIFAR-10 not found in ../shared/tfds")
+@needs_cifar10
 def test_cutmix_finetune_runs_a_few_steps(tmp_path):
   # The pretrain config for 4 steps, then MaxUp+CutMix fine-tuning from it,
   # on 256 images (scored on 200): what the real runs do, in seconds.
-  sys.path.insert(0, str(REPO))
   from results.configs import cifar10_finetune_cutmix as ft
-  from trainer import checkpointing, image, metrics
+  from trainer import checkpointing, image
 
-  def tiny(config):
-    config.data_dir = str(REPO.parent / "shared" / "tfds")
-    config.num_devices = 1
-    config.num_train_examples = config.train_eval_examples = 256
-    config.num_eval_examples = 200
-    config.batch_size = 64
-    config.eval_batch_size = 100
-    config.num_epochs = 1
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 4
-    return config
+  def tiny(config, **overrides):
+    return shrink(config, num_devices=1, train_eval_examples=256, num_epochs=1,
+                  log_every_steps=2, checkpoint_every_steps=4, **overrides)
 
   image.train_and_evaluate(tiny(ft.get_config("pretrain")), str(tmp_path / "pretrain"))
-  config = tiny(ft.get_config("1e-3,4"))
-  config.init_checkpoint = str(tmp_path / "pretrain")
+  config = tiny(ft.get_config("1e-3,4"), init_checkpoint=str(tmp_path / "pretrain"))
   image.train_and_evaluate(config, str(tmp_path / "finetune"))
-  records = metrics.read_metrics(str(tmp_path / "finetune"))
-  assert [r["num_copies"] for r in records if r["split"] == "train"] == [4, 4]
+  assert [r["num_copies"] for r in records(tmp_path / "finetune", "train")] == [4, 4]
   assert int(checkpointing.load_arrays(str(tmp_path / "finetune"))["step"]) == 4
-  assert [r for r in records if r["split"] == "summary"][-1]["steps"] == 4
+  assert records(tmp_path / "finetune", "summary")[-1]["steps"] == 4
 
 
 def test_run_sh_finetune_cutmix_runs_the_grid_in_order(tmp_path):

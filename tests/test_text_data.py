@@ -1,16 +1,12 @@
 """Corpus reading, vocabulary, batchify and BPTT segments (trainer/text_data.py)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import PTB_DIR, TEXT_DIR, needs_ptb
 from trainer import text_data
 
-TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "text"
-PTB_DIR = TEXT_DIR / "ptb"
 SHAKESPEARE = TEXT_DIR / "tiny_shakespeare.txt"
-needs_ptb = pytest.mark.skipif(not PTB_DIR.is_dir(), reason=f"PTB not found in {PTB_DIR}")
 
 
 def write_corpus(directory, train="a b c\nb c\n", valid="a c\n", test="c b\n"):

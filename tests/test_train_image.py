@@ -3,7 +3,6 @@
 import functools
 import re
 import signal
-from pathlib import Path
 
 import chex
 import flax
@@ -12,42 +11,13 @@ import numpy as np
 import pytest
 
 from configs import cifar10_resnet20
+from conftest import command_line, needs_cifar10, records, tiny_cifar_config, train_losses
 from maxup_jax import losses, models
 import train_py
 from trainer import checkpointing, image, metrics
 from train_py import first_step_logged, saved_steps, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "tfds"
-pytestmark = pytest.mark.skipif(
-    not (DATA_DIR / "cifar10").is_dir(), reason=f"real CIFAR-10 not found in {DATA_DIR}")
-
-
-def tiny_config(**overrides):
-  """The quick-start config shrunk to seconds: 256 images, ResNet-8, 8 steps."""
-  config = cifar10_resnet20.get_config()
-  config.data_dir = str(DATA_DIR)
-  config.model = "resnet8"
-  config.num_train_examples = 256
-  config.num_eval_examples = 200
-  config.batch_size = 64
-  config.eval_batch_size = 100
-  config.num_epochs = 2
-  config.maxup.warmup_epochs = 1
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
-  config.learning_rate = 0.05
-  for name, value in overrides.items():
-    target = config
-    *parents, leaf = name.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
-
-
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+pytestmark = needs_cifar10
 
 
 def final_params(workdir):
@@ -61,13 +31,8 @@ def run_train_py(workdir, config_overrides, extra_args=()):
 
 
 def tiny_overrides(**extra):
-  # Same values as tiny_config(), for train.py's command line.
-  overrides = {"data_dir": DATA_DIR, "model": "resnet8", "num_train_examples": 256,
-               "num_eval_examples": 200, "batch_size": 64, "eval_batch_size": 100,
-               "num_epochs": 2, "maxup.warmup_epochs": 1, "log_every_steps": 1,
-               "checkpoint_every_steps": 2, "learning_rate": 0.05}
-  overrides.update(extra)
-  return overrides
+  """tiny_cifar_config(**extra) as train.py's command line."""
+  return command_line(tiny_cifar_config(**extra), cifar10_resnet20.get_config())
 
 
 def run_two_processes(workdir, overrides):
@@ -79,7 +44,7 @@ def reference_run(tmp_path_factory):
   """One uninterrupted single-device run that other tests compare against."""
   workdir = tmp_path_factory.mktemp("reference")
   summary = image.train_and_evaluate(
-      tiny_config(num_devices=1, train_eval_examples=128), str(workdir))
+      tiny_cifar_config(num_devices=1, train_eval_examples=128), str(workdir))
   return workdir, summary
 
 
@@ -87,15 +52,14 @@ def test_training_writes_metrics_checkpoints_and_summary(reference_run):
   workdir, summary = reference_run
   assert summary["steps"] == 8 and summary["steps_this_run"] == 8
   assert 0.0 <= summary["final_top1"] <= 1.0
-  records = metrics.read_metrics(workdir)
-  train = [r for r in records if r["split"] == "train"]
+  train = records(workdir, "train")
   assert [r["step"] for r in train] == list(range(1, 9))
   # Standard augmentation for the warm-up epoch (4 steps), then MaxUp m=4.
   assert [r["num_copies"] for r in train] == [1] * 4 + [4] * 4
   for r in train[4:]:
     assert r["loss"] >= r["mean_copy_loss"] - 1e-6  # The worst copy is no better than the mean.
-  assert [r["step"] for r in records if r["split"] == "test"] == [4, 8]
-  train_clean = [r for r in records if r["split"] == "train_clean"]
+  assert [r["step"] for r in records(workdir, "test")] == [4, 8]
+  train_clean = records(workdir, "train_clean")
   assert [r["step"] for r in train_clean] == [4, 8]
   for r in train_clean:
     assert 0.0 <= r["top1"] <= 1.0 and r["loss"] > 0.0 and r["input_grad_norm"] > 0.0
@@ -135,7 +99,7 @@ def test_eval_step_input_gradient_norm_is_per_example(jit):
 
 def test_one_and_four_devices_follow_the_same_trajectory(reference_run, tmp_path):
   assert jax.device_count() == 4
-  image.train_and_evaluate(tiny_config(num_devices=4), str(tmp_path))
+  image.train_and_evaluate(tiny_cifar_config(num_devices=4), str(tmp_path))
   one, four = train_losses(reference_run[0]), train_losses(tmp_path)
   assert one.keys() == four.keys()
   # Reductions split over devices round differently: the losses drift apart by
@@ -161,7 +125,7 @@ def test_sigkill_then_restart_resumes_exactly(reference_run, tmp_path):
   out, _ = restart.communicate(timeout=300)
   assert restart.returncode == 0, out
   assert "summary: final_top1=" in out
-  train_steps = [r["step"] for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
+  train_steps = [r["step"] for r in records(tmp_path, "train")]
   # The restart began right after the newest checkpoint: nothing before it was lost.
   restart_begins = len(train_steps) - (8 - last_saved)
   assert train_steps[restart_begins:] == list(range(last_saved + 1, 9))
@@ -177,8 +141,8 @@ def test_sigkill_then_restart_resumes_exactly(reference_run, tmp_path):
 def test_fine_tune_from_checkpoint_with_frozen_batch_norm(reference_run, tmp_path):
   pretrained = checkpointing.load_arrays(str(reference_run[0]))
   image.train_and_evaluate(
-      tiny_config(num_devices=1, num_epochs=1, init_checkpoint=str(reference_run[0]),
-                  freeze_batch_norm=True, **{"maxup.warmup_epochs": 0}),
+      tiny_cifar_config(num_devices=1, num_epochs=1, init_checkpoint=str(reference_run[0]),
+                        freeze_batch_norm=True, **{"maxup.warmup_epochs": 0}),
       str(tmp_path))
   tuned = checkpointing.load_arrays(str(tmp_path))
   assert int(tuned["step"]) == 4  # A fresh run: steps count from 0, not from the pretrained 8.
@@ -219,13 +183,13 @@ def test_two_processes_on_loopback_match_one_process(reference_run, tmp_path):
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    image.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    image.train_and_evaluate(tiny_cifar_config(**overrides), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
-    image.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
+    image.train_and_evaluate(tiny_cifar_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
 
 
 def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
@@ -245,7 +209,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes(reference_run, tmp_path):
   assert step == 8
   chex.assert_trees_all_close(params, final_params(reference_run[0])[0], rtol=1e-5, atol=1e-6)
   # Each part of the run says which machine it ran on.
-  hosts = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "host"]
+  hosts = records(tmp_path, "host")
   assert [r["step"] for r in hosts] == [0, saved[0]]
   assert all(r["cpu"] and r["platform"] == "cpu" for r in hosts)
 
@@ -269,8 +233,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference_r
 
 def _exploding_config(**overrides):
   # The learning rate jumps to 1e30 after the first epoch (step 4).
-  return tiny_config(num_devices=1, lr_schedule="piecewise", lr_decay_epochs=(1,),
-                     lr_decay_factor=1e30, **overrides)
+  return tiny_cifar_config(num_devices=1, lr_schedule="piecewise", lr_decay_epochs=(1,),
+                           lr_decay_factor=1e30, **overrides)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_the_good_checkpoint(tmp_path):
@@ -285,14 +249,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_good_checkpoint(tmp_path):
 def test_nonfinite_updates_can_be_skipped(tmp_path):
   summary = image.train_and_evaluate(_exploding_config(nonfinite="skip"), str(tmp_path))
   assert summary["steps"] == 8
-  train = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
+  train = records(tmp_path, "train")
   assert sum(r["nonfinite"] for r in train) >= 2
   chex.assert_tree_all_finite(checkpointing.load_arrays(str(tmp_path))["params"])
 
 
 def test_bfloat16_training_keeps_float32_state(tmp_path):
   summary = image.train_and_evaluate(
-      tiny_config(num_devices=1, num_epochs=1, dtype="bfloat16"), str(tmp_path))
+      tiny_cifar_config(num_devices=1, num_epochs=1, dtype="bfloat16"), str(tmp_path))
   assert np.isfinite(summary["final_top1"])
   restored = checkpointing.load_arrays(str(tmp_path))
   state = (restored["params"], restored["batch_stats"], restored["opt_state"])
@@ -303,8 +267,8 @@ def test_bfloat16_training_keeps_float32_state(tmp_path):
 
 def test_bfloat16_selection_with_float32_gradient_pass(tmp_path):
   summary = image.train_and_evaluate(
-      tiny_config(num_devices=1, **{"maxup.warmup_epochs": 0, "maxup.selection_dtype": "bfloat16",
-                                    "num_epochs": 1, "profile_steps": 2}),
+      tiny_cifar_config(num_devices=1, num_epochs=1, profile_steps=2,
+                        **{"maxup.warmup_epochs": 0, "maxup.selection_dtype": "bfloat16"}),
       str(tmp_path))
   assert np.isfinite(summary["final_top1"])
   assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace written"
@@ -312,11 +276,11 @@ def test_bfloat16_selection_with_float32_gradient_pass(tmp_path):
 
 def test_preset_device_count_is_checked(tmp_path):
   with pytest.raises(ValueError, match="expected_device_count=8 but the run has 4 devices"):
-    image.train_and_evaluate(tiny_config(expected_device_count=8), str(tmp_path))
+    image.train_and_evaluate(tiny_cifar_config(expected_device_count=8), str(tmp_path))
 
 
 def test_nonfinite_loss_stops_both_of_two_processes(tmp_path):
-  exploding = tiny_overrides(lr_schedule="piecewise", lr_decay_epochs="(1,)",
+  exploding = tiny_overrides(lr_schedule="piecewise", lr_decay_epochs=(1,),
                              lr_decay_factor=1e30)
   procs = run_two_processes(tmp_path, exploding)
   outputs = [p.communicate(timeout=400)[0] for p in procs]

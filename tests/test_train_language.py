@@ -2,7 +2,6 @@
 
 import json
 import signal
-from pathlib import Path
 
 import chex
 import numpy as np
@@ -12,10 +11,9 @@ import train_py
 import trainer
 from configs import (ptb_awd_lstm, ptb_awd_lstm_maxup, ptb_small_lstm, shakespeare_char_lstm,
                      wikitext2_awd_lstm, wikitext2_awd_lstm_maxup)
-from trainer import checkpointing, language, metrics, text_data
+from conftest import PTB_DIR, command_line, needs_ptb, records
+from trainer import checkpointing, language, text_data
 
-PTB_DIR = Path(__file__).resolve().parents[2] / "shared" / "text" / "ptb"
-needs_ptb = pytest.mark.skipif(not PTB_DIR.is_dir(), reason=f"PTB not found in {PTB_DIR}")
 TRAIN_TOKENS, EVAL_TOKENS = 80_000, 5_000
 
 
@@ -39,17 +37,8 @@ def quick_config(**overrides):
   config.log_every_steps = 50
   config.checkpoint_every_steps = 250
   config.dynamic_eval.stats_max_segments = 50
-  for name, value in overrides.items():
-    target = config
-    *parents, leaf = name.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
-
-
-def records(workdir, split):
-  return [r for r in metrics.read_metrics(workdir) if r["split"] == split]
 
 
 # ---------------------------------------------------------------------------
@@ -209,20 +198,9 @@ def resume_config(**overrides):
                          "dynamic_eval.enabled": False, **overrides})
 
 
-def command_line(config):
-  """`--config.K=V` overrides that turn configs/ptb_small_lstm.py into `config`."""
-  default = flatten(ptb_small_lstm.get_config().to_dict())
-  return {k: v for k, v in flatten(config.to_dict()).items() if default.get(k) != v}
-
-
-def flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
+def resume_overrides(**overrides):
+  """resume_config(**overrides) as train.py's command line for configs/ptb_small_lstm.py."""
+  return command_line(resume_config(**overrides), ptb_small_lstm.get_config())
 
 
 def final_state(workdir):
@@ -239,7 +217,7 @@ def resume_reference(tmp_path_factory):
   perplexity in 126 steps.
   """
   workdir = tmp_path_factory.mktemp("ptb_reference")
-  proc = train_py.run("configs/ptb_small_lstm.py", workdir, command_line(resume_config()))
+  proc = train_py.run("configs/ptb_small_lstm.py", workdir, resume_overrides())
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   (summary,) = records(workdir, "summary")
@@ -249,7 +227,7 @@ def resume_reference(tmp_path_factory):
 @needs_ptb
 def test_sigterm_checkpoints_and_exits_then_resumes(resume_reference, tmp_path):
   reference_dir, reference = resume_reference
-  overrides = command_line(resume_config())
+  overrides = resume_overrides()
   proc = train_py.run("configs/ptb_small_lstm.py", tmp_path, overrides)
   train_py.wait_until(train_py.first_step_logged(tmp_path), [proc])
   proc.send_signal(signal.SIGTERM)
@@ -279,7 +257,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
   # statistically.
   short = dict(num_train_tokens=8_000, num_epochs=1, log_every_steps=1)
   reference = trainer.run(resume_config(**short), str(tmp_path / "one"))
-  overrides = command_line(resume_config(num_devices=0, **short))
+  overrides = resume_overrides(num_devices=0, **short)
   procs = train_py.run_two_processes("configs/ptb_small_lstm.py", tmp_path / "two", overrides)
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from trainer import xla_cpu
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _library(tmp_path, name, content: bytes):

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def run(config_file, workdir, overrides, *, num_devices=1, extra_args=()):
