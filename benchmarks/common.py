@@ -110,7 +110,6 @@ def selection_forward(config: ml_collections.ConfigDict, steps: image.Steps,
   augmentation = image.make_augmentation(config.augment, config.dataset, steps.facts.num_classes)
 
   def select(state, batch, key):
-    batch = {**batch, "image": image_data.to_unit_float(batch["image"])}
     batch_size = batch["label"].shape[0]
     loss_fn = image.copy_loss_fn(steps.model, augmentation, state.batch_stats)
     copy_loss = lambda params, keys: loss_fn(params, batch, keys)[0]

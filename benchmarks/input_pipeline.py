@@ -58,7 +58,7 @@ def main(args):
 
   @jax.jit
   def augment(batch, key):
-    images = image_data.to_unit_float(batch["image"])
+    images = batch["image"]
     keys = jax.random.split(key, num_copies * images.shape[0])
     keys = keys.reshape(num_copies, images.shape[0])
     return jax.vmap(lambda k: augmentation(k, images, batch["label"]))(keys)

@@ -62,7 +62,7 @@ def main(argv):
   key = jax.random.key(SEED.value)
   m, b = NUM_COPIES.value, BATCH_SIZE.value
   for start in range(0, data.num_examples - b + 1, b):
-    images = image_data.to_unit_float(jnp.asarray(data.images[start:start + b]))
+    images = jnp.asarray(data.images[start:start + b])
     labels = jnp.asarray(data.labels[start:start + b])
     keys = jax.random.split(jax.random.fold_in(key, start), m * b).reshape(m, b)
     f32 = results["float32"](restored["params"], restored["batch_stats"], images, labels, keys)

@@ -317,6 +317,10 @@ def cutmix(alpha: float, num_classes: int | None = None) -> Augmentation:
   original draws one lambda and one permutation per batch), so MaxUp's
   copies of an image get different boxes and partners.
 
+  The images may have any dtype, uint8 pixels too: CutMix copies whole
+  pixels, so it commutes with a conversion to float, and on a batch sharded
+  over devices the partners that cross devices move fewer bytes.
+
   Args:
     alpha: Beta(alpha, alpha) concentration, > 0 (1.0 in Yun et al.).
     num_classes: K, needed to one-hot integer labels; if given with soft
@@ -334,7 +338,7 @@ def cutmix(alpha: float, num_classes: int | None = None) -> Augmentation:
     return random_partner(partner_key, batch_size), box, lam
 
   def apply(keys, images, labels):
-    batch_size, height, width, _ = _check_batch(keys, images, labels)
+    batch_size, height, width, _ = _check_batch(keys, images, labels, floating=False)
     soft = _soft_labels(labels, num_classes, "cutmix")
     partner, box, lam = _per_example(
         lambda key: draw(key, batch_size, height, width), keys)
@@ -408,7 +412,7 @@ def chain(*augmentations: Augmentation) -> Augmentation:
   count = len(augmentations)
 
   def apply(keys, images, labels):
-    _check_batch(keys, images, labels, spatial=False)
+    _check_batch(keys, images, labels, spatial=False, floating=False)
     if not count:
       return images, labels
     subkeys = jax.vmap(lambda k: jax.random.split(k, count))(keys)
@@ -501,8 +505,9 @@ def _soft_labels(labels, num_classes: int | None, name: str) -> Array:
   )
 
 
-def _check_batch(keys, images, labels, spatial: bool = True) -> tuple[int, ...]:
-  """Checks one key per example and float images; returns the images' shape.
+def _check_batch(keys, images, labels, spatial: bool = True,
+                 floating: bool = True) -> tuple[int, ...]:
+  """Checks one key per example and images (floating point if `floating`); returns their shape.
 
   Images must be `[B, H, W, C]` if `spatial`, else any `[B, ...]`.
   """
@@ -514,7 +519,7 @@ def _check_batch(keys, images, labels, spatial: bool = True) -> tuple[int, ...]:
     )
   if images.ndim == 0:
     raise ValueError("images must have a leading batch dimension, got a scalar.")
-  if not jnp.issubdtype(images.dtype, jnp.floating):
+  if floating and not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(
         f"images must be floating point, got {images.dtype}; convert first, "
         "e.g. images.astype(jnp.float32) / 255."

@@ -220,11 +220,12 @@ def test_certification_noise_batch_splits():
 # The trainers' steps.
 
 
-def image_step(num_copies, mode):
+def image_step(num_copies, mode, **augment):
   """The image task's train step (`image.build_steps`) on ResNet-8, with a batch to run it on."""
   config = cifar10_resnet20.get_config()
   config.model, config.batch_size = "resnet8", BATCH
   config.maxup.num_copies, config.maxup.mode = num_copies, mode
+  config.augment.update(augment)
   steps = image.build_steps(config, core.create_mesh(1),
                             image_data.published_dataset_facts("cifar10"))
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), steps.abstract_state)
@@ -239,6 +240,20 @@ def image_step(num_copies, mode):
 def test_image_train_step_splits(mode, explicit):
   step, args = image_step(4, mode)
   assert_split(per_device_costs(step, args, {1}, explicit))
+
+
+def test_image_train_step_with_cutmix_splits_and_gathers_uint8_partners():
+  """CutMix's partners cross devices, but as the uint8 pixels: 1 byte each."""
+  step, args = image_step(2, "two_pass", cutmix_alpha=1.0, cutout_length=0)
+  costs = per_device_costs(step, args, {1})
+  assert_split(costs)
+  mesh = mesh_of(NUM_DEVICES)
+  shardings = tuple(jax.tree.map(lambda _: NamedSharding(mesh, P("data") if i == 1 else P()), a)
+                    for i, a in enumerate(args))
+  hlo = jax.jit(step).lower(*jax.device_put(args, shardings)).compile().as_text()
+  gathers = [line for line in hlo.splitlines() if " all-gather(" in line and "32,32,3]" in line]
+  assert gathers and all("u8[" in line.split("=")[1].split(" all-gather")[0] for line in gathers), (
+      gathers)
 
 
 # Enough streams that the work per stream, which splits, outweighs the
