@@ -321,8 +321,10 @@ def test_train_step_carries_the_winners_state_and_scales_the_step():
       step=jnp.zeros((), jnp.int32), params=params, avg_params=params,
       avg_count=jnp.zeros((), jnp.int32), averaging=jnp.ones((), bool), best_params=params,
       carry=model.initial_carry(BATCH))
+  # The configs' chunked loss (1024 words at a time; this vocabulary is one chunk).
   hyper = dict(model=model, num_copies=2, learning_rate=1.0, bptt=STEPS, clip_grad_norm=0.0,
-               weight_decay=0.0, activation_reg=2.0, temporal_activation_reg=1.0)
+               weight_decay=0.0, activation_reg=2.0, temporal_activation_reg=1.0,
+               vocab_chunk_size=1024)
   key = jax.random.key(5)
   maxup_key, weight_key = jax.random.split(key)
   loss_fn = functools.partial(_length_loss, model, weight_key, STEPS // 2)
