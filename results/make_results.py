@@ -1,8 +1,10 @@
 """Builds RESULTS.md's tables and figures from the experiment logs in results/logs.
 
-  python results/make_results.py                          # tables and figures from results/logs
-  python results/make_results.py --collect runs/results   # first copy in the finished runs' logs
-  python results/make_results.py --results_md /tmp/R.md --figures /tmp/fig   # elsewhere
+Run from the repository's root:
+
+  python -m results.make_results                          # tables and figures from results/logs
+  python -m results.make_results --collect runs/results   # first copy in the finished runs' logs
+  python -m results.make_results --results_md /tmp/R.md --figures /tmp/fig   # elsewhere
 
 `results/run.sh` writes one directory per run under runs/results/EXPERIMENT/.
 `--collect` copies what the tables need from each finished run (metrics.jsonl,
@@ -21,7 +23,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -32,9 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from trainer import certification  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 LOGS = REPO / "results" / "logs"
 FIGURES = REPO / "results" / "figures"

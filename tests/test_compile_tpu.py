@@ -8,7 +8,6 @@ MNIST keeps every compilation to seconds.
 import importlib.util
 import math
 
-import jax
 import pytest
 
 from configs import hardware

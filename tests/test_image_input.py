@@ -1,18 +1,16 @@
 """Tests for trainer.image_data and trainer.image_batches (loading, order, sharding, grain iterator state and workers)
-and trainer.checkpointing (the input state in checkpoints, both checkpoint layouts)."""
+and trainer.checkpointing (the input state in checkpoints, checkpoints with and without it)."""
 
 import io
 import itertools
 import json
 import os
-from pathlib import Path
 
 import grain
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds

@@ -20,7 +20,7 @@ FIGURES = ("cifar10_curves.png", "cifar10_scratch_curves.png", "cifar10_m_ablati
 def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
   results_md = tmp_path / "RESULTS.md"
   shutil.copy(REPO / "RESULTS.md", results_md)
-  subprocess.run([sys.executable, "results/make_results.py", "--results_md", str(results_md),
+  subprocess.run([sys.executable, "-m", "results.make_results", "--results_md", str(results_md),
                   "--figures", str(tmp_path / "figures")], cwd=REPO, check=True,
                  capture_output=True)
   assert results_md.read_text() == (REPO / "RESULTS.md").read_text()
@@ -70,8 +70,7 @@ def test_run_sh_on_a_fresh_checkout_skips_the_collected_runs(tmp_path):
 
 
 def _make_results():
-  sys.path.insert(0, str(REPO / "results"))
-  import make_results
+  from results import make_results
   return make_results
 
 
@@ -169,7 +168,6 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
 
 
 def test_cutmix_finetune_config_builds_the_papers_recipe():
-  sys.path.insert(0, str(REPO))
   from results.configs import cifar10_finetune_cutmix as ft, cifar10_scratch
 
   pretrain = flat_config(ft.get_config("pretrain"))
