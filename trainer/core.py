@@ -15,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATA_AXIS = "data"  # The mesh's one axis: the global batch is split along it.
+from maxup_jax import smoothing
+
+# The mesh's one axis: the global batch is split along it, and randomized
+# smoothing's noise batches on the same mesh.
+DATA_AXIS = smoothing.DATA_AXIS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

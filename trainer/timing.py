@@ -11,6 +11,7 @@ machine, the versions, the date and the load it was measured under
 
 from __future__ import annotations
 
+import importlib.metadata
 import datetime
 import os
 import platform
@@ -95,7 +96,6 @@ class StepRunner:
 def environment(**extra) -> dict[str, Any]:
   """Machine, versions, date and load: the header of every timing table; `extra` is appended."""
   import flax
-  import jaxlib
   info = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "nproc": os.cpu_count(),
@@ -104,7 +104,7 @@ def environment(**extra) -> dict[str, Any]:
                  f" x{jax.device_count()}",
       "python": platform.python_version(),
       "jax": jax.__version__,
-      "jaxlib": jaxlib.__version__,
+      "jaxlib": importlib.metadata.version("jaxlib"),
       "flax": flax.__version__,
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "loadavg": "%.2f %.2f %.2f" % os.getloadavg(),
