@@ -76,6 +76,11 @@ def collect(runs_dir: Path) -> None:
     if not summaries or summaries[-1].get("preempted", False):
       print(f"skipped (unfinished): {run}")
       continue
+    if (run / "certify.log").is_file() and not list((run / "certify").glob("certified_accuracy_*.tsv")):
+      # Its certification needs the checkpoints, which stay behind: collected
+      # logs would mark the run done and leave certify.py nothing to load.
+      print(f"skipped (certification unfinished): {run}")
+      continue
     target = LOGS / run.parent.name / run.name
     target.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "config.json"):
@@ -87,7 +92,7 @@ def collect(runs_dir: Path) -> None:
     for log in sorted((run / "certify").glob("*.tsv")) + sorted((run / "certify").glob("*.json")):
       (target / "certify").mkdir(exist_ok=True)
       shutil.copy(log, target / "certify" / log.name)
-    print(f"collected: {run} -> {target.relative_to(REPO)}")
+    print(f"collected: {run} -> {target}")
   # The measured step-time ratio behind an experiment's equal-time baseline.
   for measurement in sorted(runs_dir.glob("*/equal_time.json")):
     target = LOGS / measurement.parent.name / measurement.name

@@ -32,22 +32,6 @@ from configs import cifar10_resnet20  # noqa: E402
 from trainer import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The test files that take minutes, longest first. pytest-xdist's loadfile
-# hands whole files to its workers in collection order (setup.cfg turns off
-# its reordering by test count, which put these few-test files last), so
-# starting them first keeps one of them from being the suite's tail on a
-# 2-core machine while the other worker idles.
-LONG_TEST_FILES = ("test_train_image.py", "test_partitioning.py", "test_train_language.py",
-                   "test_train_image_processes.py", "test_compile_tpu.py", "test_results.py",
-                   "test_awd_lstm.py")
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = item.path.name
-    return LONG_TEST_FILES.index(name) if name in LONG_TEST_FILES else len(LONG_TEST_FILES)
-  items.sort(key=rank)  # Stable: the other files keep their order.
 # The real data sets, prepared beside the checkout: tfds builds (cifar10,
 # mnist) and plain-text corpora (ptb/, tiny_shakespeare.txt).
 DATA_DIR = REPO.parent / "shared" / "tfds"

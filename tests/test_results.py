@@ -65,6 +65,25 @@ def test_run_sh_on_a_fresh_checkout_skips_the_collected_runs(tmp_path):
       assert restored.read_bytes() == (REPO / "results/logs/ptb" / run / name).read_bytes()
 
 
+def test_collect_leaves_out_runs_whose_certification_is_unfinished(tmp_path, monkeypatch):
+  mr = _make_results()
+  monkeypatch.setattr(mr, "LOGS", tmp_path / "logs")
+  experiment = tmp_path / "runs" / "cifar10_gauss_sigma0.5"
+  for name, certified in (("m1_seed0", True), ("m5_seed0", False)):
+    run = experiment / name
+    (run / "certify").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"split": "summary", "step": 8}\n')
+    (run / "config.json").write_text("{}")
+    (run / "certify.log").write_text("certifying\n")
+    (run / "certify" / "predictions.tsv").write_text("idx\tlabel\n")
+    if certified:
+      (run / "certify" / "certified_accuracy_sigma0.5.tsv").write_text("radius\taccuracy\n")
+  mr.collect(tmp_path / "runs")
+  collected = tmp_path / "logs" / "cifar10_gauss_sigma0.5"
+  assert [p.name for p in collected.iterdir()] == ["m1_seed0"]
+  assert (collected / "m1_seed0" / "certify" / "certified_accuracy_sigma0.5.tsv").is_file()
+
+
 # ---------------------------------------------------------------------------
 # The statistical rule (make_results.paired_test, verdict, Comparison).
 

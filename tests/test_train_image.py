@@ -1,6 +1,7 @@
 """End-to-end tests of image training on the real CIFAR-10 in ../shared/tfds."""
 
 import functools
+import re
 import signal
 
 import chex
@@ -228,3 +229,45 @@ def test_preset_device_count_is_checked(tmp_path):
   with pytest.raises(ValueError, match="expected_device_count=8 but the run has 4 devices"):
     image.train_and_evaluate(tiny_cifar_config(expected_device_count=8), str(tmp_path))
 
+
+# ---------------------------------------------------------------------------
+# Two train.py processes on loopback, each with two CPU devices.
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_then_they_match_one_process(
+    cifar_reference_run, tmp_path):
+  overrides = tiny_cifar_overrides(checkpoint_every_steps=100)
+  procs = train_py.run_two_processes(CIFAR_CONFIG, tmp_path, overrides)
+  wait_until(first_step_logged(tmp_path), procs, timeout=300)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=200)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  saved = saved_steps(tmp_path)
+  assert len(saved) == 1 and saved[0] < 8, (saved, outputs)
+  assert "preempted: saved step" in outputs[0]
+
+  # The restart finishes the run; together the two parts train as one process does.
+  procs = train_py.run_two_processes(CIFAR_CONFIG, tmp_path, overrides)
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  assert "summary:" in outputs[0] and "summary:" not in outputs[1]  # Only process 0 reports.
+  params, step = final_params(tmp_path)
+  assert step == 8, outputs
+  two, one = train_losses(tmp_path), train_losses(cifar_reference_run[0])
+  assert sorted(two) == sorted(one) == list(range(1, 9))
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-4)
+  chex.assert_trees_all_close(params, final_params(cifar_reference_run[0])[0], rtol=1e-2, atol=1e-3)
+
+
+def test_nonfinite_loss_stops_both_of_two_processes(tmp_path):
+  exploding = tiny_cifar_overrides(lr_schedule="piecewise", lr_decay_epochs=(1,),
+                                   lr_decay_factor=1e30)
+  procs = train_py.run_two_processes(CIFAR_CONFIG, tmp_path, exploding)
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode != 0, out
+    assert re.search(r"NaN/inf at step (5|6); the newest checkpoint, step 4 in", out), out
+  restored = checkpointing.load_arrays(str(tmp_path))
+  assert int(restored["step"]) == 4
+  chex.assert_tree_all_finite(restored["params"])
