@@ -78,28 +78,6 @@ def tiny_cifar_config(**overrides):
       "checkpoint_every_steps": 2, "learning_rate": 0.05, **overrides})
 
 
-def tiny_cifar_overrides(**extra):
-  """tiny_cifar_config(**extra) as train.py's command line (for configs/cifar10_resnet20.py)."""
-  return command_line(tiny_cifar_config(**extra), cifar10_resnet20.get_config())
-
-
-@pytest.fixture(scope="module")
-def cifar_reference_run(tmp_path_factory):
-  """(workdir, summary) of one uninterrupted 1-device tiny_cifar_config run to compare against."""
-  from trainer import image
-  workdir = tmp_path_factory.mktemp("reference")
-  summary = image.train_and_evaluate(
-      tiny_cifar_config(num_devices=1, train_eval_examples=128), str(workdir))
-  return workdir, summary
-
-
-def final_params(workdir):
-  """(params, step) of a run's newest checkpoint."""
-  from trainer import checkpointing
-  restored = checkpointing.load_arrays(str(workdir))
-  return restored["params"], int(restored["step"])
-
-
 def flat_config(config):
   """A config's leaves by dotted name: `{"maxup.num_copies": 4, ...}`."""
   return flax.traverse_util.flatten_dict(config.to_dict(), sep=".")

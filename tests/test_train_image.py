@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (final_params, needs_cifar10, records, tiny_cifar_config, tiny_cifar_overrides,
-                      train_losses)
+from configs import cifar10_resnet20
+from conftest import command_line, needs_cifar10, records, tiny_cifar_config, train_losses
 from maxup_jax import losses, models
 import train_py
 from trainer import checkpointing, image, metrics
@@ -21,8 +21,28 @@ pytestmark = needs_cifar10
 CIFAR_CONFIG = "configs/cifar10_resnet20.py"
 
 
+def final_params(workdir):
+  """(params, step) of a run's newest checkpoint."""
+  restored = checkpointing.load_arrays(str(workdir))
+  return restored["params"], int(restored["step"])
+
+
 def run_train_py(workdir, config_overrides, extra_args=()):
   return train_py.run(CIFAR_CONFIG, workdir, config_overrides, extra_args=extra_args)
+
+
+def tiny_cifar_overrides(**extra):
+  """tiny_cifar_config(**extra) as train.py's command line."""
+  return command_line(tiny_cifar_config(**extra), cifar10_resnet20.get_config())
+
+
+@pytest.fixture(scope="module")
+def cifar_reference_run(tmp_path_factory):
+  """(workdir, summary) of one uninterrupted 1-device run that other tests compare against."""
+  workdir = tmp_path_factory.mktemp("reference")
+  summary = image.train_and_evaluate(
+      tiny_cifar_config(num_devices=1, train_eval_examples=128), str(workdir))
+  return workdir, summary
 
 
 def test_training_writes_metrics_checkpoints_and_summary(cifar_reference_run):
