@@ -63,9 +63,21 @@ CONFIG_FILES = {**{name: f"results/configs/{name}.py" for name in
                    ("cifar10", "mnist_gauss", "ptb", "cifar10_gauss", "cifar10_scratch", "ptb_asgd")},
                 **{f"cifar10_finetune_{aug}": "results/configs/cifar10_finetune.py"
                    for aug in FINETUNE_AUGMENTATIONS},
-                "cifar10_gauss_sigma0.5": "results/configs/cifar10_gauss.py"}
+                "cifar10_gauss_sigma0.5": "results/configs/cifar10_gauss.py",
+                **{name: "results/configs/cifar10_finetune_cutmix.py" for name in
+                   ("cifar10_cutmix_scratch", "cifar10_finetune_paper",
+                    "cifar10_finetune_paper_frozen")}}
 # Experiment -> the overrides (beyond seed and epochs) run.sh gives each of its runs.
 CONFIG_OVERRIDES = {"cifar10_gauss_sigma0.5": {"augment.gaussian_sigma": 0.5}}
+# Experiment 10: fine-tuning seed S starts from the CutMix-trained model of seed S.
+PAPER_PRETRAINED = "cifar10_cutmix_scratch"
+PAPER_SETTINGS = (("cifar10_finetune_paper", "1e-5", "lr 1e-5 (the paper's ResNets)"),
+                  ("cifar10_finetune_paper", "1e-4", "lr 1e-4"),
+                  ("cifar10_finetune_paper", "1e-3", "lr 1e-3"),
+                  ("cifar10_finetune_paper_frozen", "1e-4",
+                   "lr 1e-4, BatchNorm frozen (the paper's EfficientNets)"))
+PAPER_METHODS = (("m4", "MaxUp+CutMix m=4", "4"), ("m1", "CutMix", "1"),
+                 ("m1_equal_time", "CutMix, MaxUp's time", "1"))
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +211,11 @@ def command(experiment: str, prefix: str, arg: str, run: Path) -> str:
     extra += f" --config.{name}={value:g}"
   if prefix.endswith("equal_time"):
     extra += f" --config.num_epochs={config['num_epochs']:g}"
+  if experiment.startswith("cifar10_finetune_paper"):
+    init = Path(config["init_checkpoint"])
+    if init.name != f"m1_seed{seed_of(run)}":
+      raise ValueError(f"{run}: fine-tuned from {init}, not its own seed's pretrained model")
+    extra += f" --config.init_checkpoint={init.parent}/m1_seed$SEED"
   return (f"python train.py --config {CONFIG_FILES[experiment]}:{arg} --config.seed=$SEED{extra} "
           f"--workdir runs/results/{experiment}/{prefix}_seed$SEED")
 
@@ -476,6 +493,62 @@ def finetune_table() -> str:
             "train top-1 % (clean, after)", "wall time (min)"]
   return block(markdown_table(header, rows), partial_note(all_runs), comparison_table(comparisons),
                *blocks)
+
+
+def paper_specs(experiment: str, lr: str):
+  """(prefix, label, config argument) of experiment 10's methods at one setting."""
+  frozen = ",frozen" if experiment.endswith("frozen") else ""
+  return [(f"lr{lr}_{prefix}", label, f"{lr},{m}{frozen}") for prefix, label, m in PAPER_METHODS]
+
+
+def pretrained_top1(run: Path) -> float:
+  """Test top-1 % of the CutMix-trained model a fine-tune of experiment 10 started from."""
+  return top1(LOGS / PAPER_PRETRAINED / Path(config_of(run)["init_checkpoint"]).name)
+
+
+def finetune_paper_table() -> str:
+  """Experiment 10: the paper's fine-tuning recipe, a grid of learning rates, paired by seed."""
+  pretrained = seed_runs(PAPER_PRETRAINED, "m1")
+  rows = []
+  if pretrained:
+    final = [top1(r) for r in pretrained]
+    rows.append(["CutMix from scratch (the starting models)", "-", str(len(pretrained)),
+                 f"{config_of(pretrained[0])['num_epochs']:g}", "-", mean_std(final),
+                 per_seed(final), "-",
+                 mean_std([series(r, "train_clean", "top1")[1][-1] * 100 for r in pretrained]),
+                 minutes(pretrained)])
+  all_runs, comparisons, blocks = list(pretrained), [], []
+  if pretrained:
+    blocks.append(commands_block(PAPER_PRETRAINED, [("m1", "", "pretrain")]))
+  for experiment, lr, setting in PAPER_SETTINGS:
+    specs = paper_specs(experiment, lr)
+    for prefix, label, _ in specs:
+      runs = seed_runs(experiment, prefix)
+      if not runs:
+        continue
+      all_runs += runs
+      before = [pretrained_top1(r) for r in runs]
+      after = [top1(r) for r in runs]
+      rows.append([label, setting, str(len(runs)), f"{config_of(runs[0])['num_epochs']:g}",
+                   mean_std(before), mean_std(after), per_seed(after),
+                   mean_std(np.subtract(after, before)),
+                   mean_std([series(r, "train_clean", "top1")[1][-1] * 100 for r in runs]),
+                   minutes(runs)])
+    maxup = by_seed(seed_runs(experiment, specs[0][0]), top1)
+    metric = f"test top-1 %, {setting.split(' (')[0]}"
+    for prefix, label, _ in specs[1:]:
+      comparisons.append(Comparison("MaxUp+CutMix m=4", label, metric, maxup,
+                                    by_seed(seed_runs(experiment, prefix), top1)))
+  for experiment in dict.fromkeys(e for e, _, _ in PAPER_SETTINGS):
+    specs = [spec for e, lr, _ in PAPER_SETTINGS if e == experiment
+             for spec in paper_specs(experiment, lr)]
+    if any(seed_runs(experiment, prefix) for prefix, _, _ in specs):
+      blocks.append(commands_block(experiment, specs))
+  header = ["method", "setting", "seeds", "epochs", "test top-1 % before",
+            "test top-1 % after (final)", "after, by seed (0 / 1 / ...)",
+            "change from its starting model (points)", "train top-1 % (clean, after)", "wall time (min)"]
+  return block(markdown_table(header, rows), partial_note(all_runs),
+               comparison_table(comparisons), *blocks)
 
 
 def ptb_table() -> str:
@@ -925,6 +998,31 @@ def finetune_figure(out: Path) -> Path:
   return _save(fig, out / "cifar10_finetune_curves.png")
 
 
+def finetune_paper_figure(out: Path) -> Path:
+  """Experiment 10: each fine-tune's change in test top-1 from its starting model, by setting."""
+  fig, ax = plt.subplots(figsize=(9, 4))
+  width = 0.8 / len(PAPER_METHODS)
+  for j, (prefix, label, _) in enumerate(PAPER_METHODS):
+    for i, (experiment, lr, _) in enumerate(PAPER_SETTINGS):
+      runs = seed_runs(experiment, f"lr{lr}_{prefix}")
+      if not runs:
+        continue
+      change = np.array([top1(r) - pretrained_top1(r) for r in runs])
+      x = i + (j - (len(PAPER_METHODS) - 1) / 2) * width
+      color = f"C{j}"
+      ax.bar(x, change.mean(), width, color=color, alpha=0.5,
+             label=label if i == 0 else None)
+      ax.plot(np.full(len(change), x), change, "o", color=color, markersize=4)
+  ax.axhline(0, color="gray", linewidth=0.8)
+  ax.set_xticks(range(len(PAPER_SETTINGS)),
+                [setting.split(" (")[0].replace(", ", ",\n") for _, _, setting in PAPER_SETTINGS])
+  ax.set(ylabel="test top-1 change (points)",
+         title="Fine-tuning a CutMix-trained model (bars: mean over seeds; dots: seeds)")
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=8)
+  return _save(fig, out / "cifar10_finetune_paper.png")
+
+
 def ptb_figure(out: Path) -> Path:
   fig, ax = plt.subplots(figsize=(6, 4))
   for prefix, label, _ in PTB_RUNS:
@@ -1040,6 +1138,7 @@ TABLES = {
     "cifar10_m": cifar_ablation_table,
     "cifar10_scratch": scratch_table,
     "cifar10_finetune": finetune_table,
+    "cifar10_finetune_paper": finetune_paper_table,
     "ptb": ptb_table,
     "ptb_asgd_dropout": ptb_dropout_table,
     "ptb_asgd": ptb_asgd_table,
@@ -1072,7 +1171,8 @@ def main() -> None:
   args.results_md.write_text(fill_tables(args.results_md.read_text(), tables))
   print(f"tables written into {args.results_md}")
   figures = cifar_figures(args.figures) + [
-      finetune_figure(args.figures), ptb_figure(args.figures), ptb_asgd_figure(args.figures),
+      finetune_figure(args.figures), finetune_paper_figure(args.figures), ptb_figure(args.figures),
+      ptb_asgd_figure(args.figures),
       certified_figure("cifar10_gauss", CIFAR_GAUSS_RUNS, "CIFAR-10, n=10,000, 200 test images",
                        args.figures / "cifar10_certified_accuracy.png")]
   for path in figures + mnist_figures(args.figures):
