@@ -11,7 +11,10 @@ Test files import the shared pieces with `from conftest import ...` (pytest
 puts tests/ on sys.path).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends; single-device code keeps
 # using device 0, so this costs the other tests nothing.
@@ -21,6 +24,18 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   ).strip()
 # Inherited by every train.py / benchmark subprocess the tests start.
 os.environ["MAXUP_JAX_XLA_DEFAULTS"] = "0"
+
+# One JAX compilation cache for the whole session: the pytest processes
+# (xdist's workers inherit the controller's environment) and the train.py and
+# benchmark subprocesses they start. The programs of the tiny runs recur in
+# many tests (ResNet-8's initialisation alone compiles for longer than its
+# eight training steps run); after the first compilation each loads from
+# disk, the same executable either way.
+if "MAXUP_JAX_TEST_COMPILATION_CACHE" not in os.environ:
+  os.environ["MAXUP_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="maxup_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["MAXUP_JAX_TEST_COMPILATION_CACHE"],
+                  ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MAXUP_JAX_TEST_COMPILATION_CACHE"]
 
 # Only imports below the environment settings: they must precede JAX's start.
 from pathlib import Path  # noqa: E402

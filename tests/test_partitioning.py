@@ -33,32 +33,37 @@ def mesh_of(num_devices, explicit=False):
                        devices=jax.devices()[:num_devices])
 
 
-def compiled_cost(fn, args, shardings, explicit=False):
-  """(flops, temporary bytes) per device of `jit(fn)` on args placed as `shardings`."""
+def compile_on(fn, args, shardings, explicit=False):
+  """`jit(fn)` compiled for args placed as `shardings`."""
   args = jax.device_put(args, shardings)
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
-    compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"], compiled.memory_analysis().temp_size_in_bytes
+    return jax.jit(fn).lower(*args).compile()
 
 
-def per_device_costs(fn, args, batch_positions, explicit=False):
-  """Costs on 1 and on 4 devices; args at `batch_positions` are sharded on their first axis."""
-  costs = []
-  for num_devices in (1, NUM_DEVICES):
-    mesh = mesh_of(num_devices, explicit)
-    shardings = tuple(
-        jax.tree.map(lambda _: NamedSharding(mesh, P("data") if i in batch_positions else P()),
-                     arg)
-        for i, arg in enumerate(args))
-    costs.append(compiled_cost(fn, args, shardings, explicit))
-  return costs
+def cost(compiled):
+  """(flops, temporary bytes) per device of a compiled program."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return analysis["flops"], compiled.memory_analysis().temp_size_in_bytes
 
 
-def assert_split(costs, extra_temp_bytes=0):
-  (flops_1, temp_1), (flops_4, temp_4) = costs
+def batch_shardings(args, mesh, batch_positions):
+  """Args at `batch_positions` sharded on their first axis over `mesh`, the rest replicated."""
+  return tuple(
+      jax.tree.map(lambda _: NamedSharding(mesh, P("data") if i in batch_positions else P()), arg)
+      for i, arg in enumerate(args))
+
+
+def per_device_programs(fn, args, batch_positions, explicit=False):
+  """`fn` compiled on 1 and on 4 devices, batch args sharded on their first axis."""
+  meshes = [mesh_of(num_devices, explicit) for num_devices in (1, NUM_DEVICES)]
+  return [compile_on(fn, args, batch_shardings(args, mesh, batch_positions), explicit)
+          for mesh in meshes]
+
+
+def assert_split(programs, extra_temp_bytes=0):
+  (flops_1, temp_1), (flops_4, temp_4) = map(cost, programs)
   assert flops_4 <= SLACK * flops_1 / NUM_DEVICES, (
       f"per-device FLOPs {flops_4:.4g} on {NUM_DEVICES} devices vs {flops_1:.4g} on one: "
       f"{flops_4 / (flops_1 / NUM_DEVICES):.2f} x the ideal")
@@ -134,10 +139,10 @@ SPLIT_CASES = (
 def test_maxup_loss_splits_every_augmentation(name, mode, explicit):
   params, batch = conv_inputs()
   step = maxup_grad(AUGMENTATIONS[name], mode=mode)
-  costs = per_device_costs(step, (params, batch, jax.random.key(2)), {1}, explicit)
+  programs = per_device_programs(step, (params, batch, jax.random.key(2)), {1}, explicit)
   # A mixing augmentation reads partners from the whole batch: every device
   # holds the gathered input images once.
-  assert_split(costs, batch["x"].nbytes if name in MIXING else 0)
+  assert_split(programs, batch["x"].nbytes if name in MIXING else 0)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
@@ -145,23 +150,24 @@ def test_bfloat16_selection_splits(explicit):
   params, batch = conv_inputs()
   augmentation = AUGMENTATIONS["cutout"]
   step = maxup_grad(augmentation, selection_loss_fn=bf16_selection_loss(augmentation))
-  assert_split(per_device_costs(step, (params, batch, jax.random.key(2)), {1}, explicit))
+  assert_split(per_device_programs(step, (params, batch, jax.random.key(2)), {1}, explicit))
 
 
 def test_standard_augmentation_splits():
   params, batch = conv_inputs()
   step = maxup_grad(AUGMENTATIONS["crop_flip"], num_copies=1)
-  assert_split(per_device_costs(step, (params, batch, jax.random.key(2)), {1}))
+  assert_split(per_device_programs(step, (params, batch, jax.random.key(2)), {1}))
 
 
 def test_copies_per_pass_above_one_is_not_split_and_says_so_under_explicit_sharding():
   """k copies vmapped together merge into the batch axis ahead of the examples."""
   params, batch = conv_inputs()
   step = maxup_grad(AUGMENTATIONS["gaussian"], copies_per_pass=2)
-  (flops_1, _), (flops_4, _) = per_device_costs(step, (params, batch, jax.random.key(2)), {1})
+  (flops_1, _), (flops_4, _) = map(
+      cost, per_device_programs(step, (params, batch, jax.random.key(2)), {1}))
   assert flops_4 > 1.5 * flops_1 / NUM_DEVICES
   with pytest.raises(ValueError, match="copies_per_pass=2 vmaps copies together"):
-    per_device_costs(step, (params, batch, jax.random.key(2)), {1}, explicit=True)
+    per_device_programs(step, (params, batch, jax.random.key(2)), {1}, explicit=True)
 
 
 @pytest.mark.parametrize("name,mode", [("cutmix", "two_pass"), ("crop_flip", "single_pass")])
@@ -190,30 +196,28 @@ def test_chunked_cross_entropy_splits_along_the_streams():
         x, w, b, labels, num_valid_rows=10 * streams, chunk_size=64).sum(),
         argnums=(0, 1, 2))(inputs, weight, bias)
 
-  costs = []
+  programs = []
   for num_devices in (1, NUM_DEVICES):
     mesh = mesh_of(num_devices)
     streams_sharded = NamedSharding(mesh, P(None, "data"))
     replicated = NamedSharding(mesh, P())
-    costs.append(compiled_cost(loss, (inputs, labels, weight, bias),
+    programs.append(compile_on(loss, (inputs, labels, weight, bias),
                                (streams_sharded, streams_sharded, replicated, replicated)))
-  assert_split(costs)
+  assert_split(programs)
 
 
 def test_certification_noise_batch_splits():
   """Randomized smoothing's Monte Carlo step: each device draws and classifies its own noise."""
   params, _ = conv_inputs()
   image = jnp.zeros((16, 16, 3))
-  costs = []
+  programs = []
   for num_devices in (1, NUM_DEVICES):
     counter = smoothing.make_counter(lambda x: NET.apply(params, x), 10, batch_size=256,
                                      sharding=mesh_of(num_devices))
-    compiled = counter.step.lower(jnp.zeros((10,), jnp.int32), image, jax.random.key(0),
-                                  jnp.int32(0), jnp.int32(1000), jnp.float32(0.25)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    costs.append((cost["flops"], compiled.memory_analysis().temp_size_in_bytes))
-  assert_split(costs)
+    programs.append(counter.step.lower(jnp.zeros((10,), jnp.int32), image, jax.random.key(0),
+                                       jnp.int32(0), jnp.int32(1000),
+                                       jnp.float32(0.25)).compile())
+  assert_split(programs)
 
 
 # ---------------------------------------------------------------------------
@@ -235,22 +239,20 @@ def image_step(num_copies, mode, **augment):
   return steps.train_steps[num_copies], (state, batch, jax.random.key(4))
 
 
-@pytest.mark.parametrize("mode,explicit", [("two_pass", False), ("single_pass", False),
-                                           ("two_pass", True)])
-def test_image_train_step_splits(mode, explicit):
-  step, args = image_step(4, mode)
-  assert_split(per_device_costs(step, args, {1}, explicit))
+# Single-pass selection splits in the library tests above; here the trainer's
+# own parts (BatchNorm statistics, the optimizer, uint8 decoding) around it.
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_image_train_step_splits(explicit):
+  step, args = image_step(4, "two_pass")
+  assert_split(per_device_programs(step, args, {1}, explicit))
 
 
 def test_image_train_step_with_cutmix_splits_and_gathers_uint8_partners():
   """CutMix's partners cross devices, but as the uint8 pixels: 1 byte each."""
   step, args = image_step(2, "two_pass", cutmix_alpha=1.0, cutout_length=0)
-  costs = per_device_costs(step, args, {1})
-  assert_split(costs)
-  mesh = mesh_of(NUM_DEVICES)
-  shardings = tuple(jax.tree.map(lambda _: NamedSharding(mesh, P("data") if i == 1 else P()), a)
-                    for i, a in enumerate(args))
-  hlo = jax.jit(step).lower(*jax.device_put(args, shardings)).compile().as_text()
+  programs = per_device_programs(step, args, {1})
+  assert_split(programs)
+  hlo = programs[1].as_text()
   gathers = [line for line in hlo.splitlines() if " all-gather(" in line and "32,32,3]" in line]
   assert gathers and all("u8[" in line.split("=")[1].split(" all-gather")[0] for line in gathers), (
       gathers)
@@ -280,14 +282,15 @@ def language_step(num_copies, mode):
 
 @functools.cache
 def language_costs(num_copies, mode, explicit=False):
+  """(flops, temporary bytes) per device of the language step on 1 and on 4 devices."""
   step, (state, batch, key) = language_step(num_copies, mode)
   costs = []
   for num_devices in (1, NUM_DEVICES):
     mesh = mesh_of(num_devices, explicit)
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    costs.append(compiled_cost(step, (state, batch, key), (
+    costs.append(cost(compile_on(step, (state, batch, key), (
         language.train_state_shardings(state, mesh), jax.tree.map(lambda _: data, batch),
-        replicated), explicit))
+        replicated), explicit)))
   return costs
 
 

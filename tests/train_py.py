@@ -1,32 +1,24 @@
 """Runs train.py in subprocesses, as a user or a cluster would: one process, or two on loopback."""
 
-import atexit
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from conftest import REPO
 
-# The train.py processes of a test session share one JAX compilation cache: a
-# run restarted after a kill or a SIGTERM, or the same tiny config in the next
-# test, loads the steps an earlier process compiled (two thirds of a tiny
-# CIFAR-10 run's time on two cores) instead of compiling them again. The
-# executables are the same either way.
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="train_py_jax_cache_")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
-
 
 def run(config_file, workdir, overrides, *, num_devices=1, extra_args=()):
-  """Starts `train.py --config CONFIG_FILE --workdir WORKDIR --config.K=V ...` on `num_devices` CPUs."""
+  """Starts `train.py --config CONFIG_FILE --workdir WORKDIR --config.K=V ...` on `num_devices` CPUs.
+
+  The process inherits the session's compilation cache (conftest.py): a run
+  restarted after a kill or a SIGTERM loads the steps it compiled before.
+  """
   args = [sys.executable, "train.py", "--config", config_file, "--workdir", str(workdir)]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
-         "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
   return subprocess.Popen(args + list(extra_args), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
