@@ -239,12 +239,13 @@ def image_step(num_copies, mode, **augment):
   return steps.train_steps[num_copies], (state, batch, jax.random.key(4))
 
 
-# Single-pass selection splits in the library tests above; here the trainer's
-# own parts (BatchNorm statistics, the optimizer, uint8 decoding) around it.
-@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_image_train_step_splits(explicit):
+# The trainers' steps on the meshes the trainers build (automatic sharding).
+# Single-pass selection and explicit sharding split in the library tests
+# above; here the trainer's own parts (BatchNorm statistics, the optimizer,
+# uint8 decoding) around them.
+def test_image_train_step_splits():
   step, args = image_step(4, "two_pass")
-  assert_split(per_device_programs(step, args, {1}, explicit))
+  assert_split(per_device_programs(step, args, {1}))
 
 
 def test_image_train_step_with_cutmix_splits_and_gathers_uint8_partners():
@@ -281,16 +282,16 @@ def language_step(num_copies, mode):
 
 
 @functools.cache
-def language_costs(num_copies, mode, explicit=False):
+def language_costs(num_copies, mode):
   """(flops, temporary bytes) per device of the language step on 1 and on 4 devices."""
   step, (state, batch, key) = language_step(num_copies, mode)
   costs = []
   for num_devices in (1, NUM_DEVICES):
-    mesh = mesh_of(num_devices, explicit)
+    mesh = mesh_of(num_devices)
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     costs.append(cost(compile_on(step, (state, batch, key), (
         language.train_state_shardings(state, mesh), jax.tree.map(lambda _: data, batch),
-        replicated), explicit)))
+        replicated))))
   return costs
 
 
@@ -299,16 +300,15 @@ def ideal_ratio(costs):
   return flops_4 / (flops_1 / NUM_DEVICES)
 
 
-@pytest.mark.parametrize("mode,explicit", [("two_pass", False), ("single_pass", False),
-                                           ("two_pass", True)])
-def test_language_train_step_splits(mode, explicit):
+@pytest.mark.parametrize("mode", ["two_pass", "single_pass"])
+def test_language_train_step_splits(mode):
   """Each device does a quarter of the work, and MaxUp adds none that devices repeat.
 
   Only the per-parameter work (weight dropout of the recurrent matrices, the
   update, the average) is repeated by every device, the weights being
   replicated: a few percent here.
   """
-  standard = ideal_ratio(language_costs(1, "two_pass", explicit))
-  maxup = ideal_ratio(language_costs(2, mode, explicit))
+  standard = ideal_ratio(language_costs(1, "two_pass"))
+  maxup = ideal_ratio(language_costs(2, mode))
   assert maxup <= SLACK, (maxup, standard)
   assert maxup <= SLACK * standard, (maxup, standard)
