@@ -211,7 +211,7 @@ def command(experiment: str, prefix: str, arg: str, run: Path) -> str:
     extra += f" --config.{name}={value:g}"
   if prefix.endswith("equal_time"):
     extra += f" --config.num_epochs={config['num_epochs']:g}"
-  if experiment.startswith("cifar10_finetune_paper"):
+  if experiment in {e for e, _, _ in PAPER_SETTINGS}:
     init = Path(config["init_checkpoint"])
     if init.name != f"m1_seed{seed_of(run)}":
       raise ValueError(f"{run}: fine-tuned from {init}, not its own seed's pretrained model")
@@ -506,19 +506,21 @@ def pretrained_top1(run: Path) -> float:
   return top1(LOGS / PAPER_PRETRAINED / Path(config_of(run)["init_checkpoint"]).name)
 
 
+def clean_train_top1(run: Path) -> float:
+  """Top-1 % on the un-augmented training images at a run's last evaluation."""
+  return series(run, "train_clean", "top1")[1][-1] * 100
+
+
 def finetune_paper_table() -> str:
   """Experiment 10: the paper's fine-tuning recipe, a grid of learning rates, paired by seed."""
   pretrained = seed_runs(PAPER_PRETRAINED, "m1")
-  rows = []
+  rows, blocks, comparisons, all_runs = [], [], [], list(pretrained)
   if pretrained:
     final = [top1(r) for r in pretrained]
     rows.append(["CutMix from scratch (the starting models)", "-", str(len(pretrained)),
                  f"{config_of(pretrained[0])['num_epochs']:g}", "-", mean_std(final),
-                 per_seed(final), "-",
-                 mean_std([series(r, "train_clean", "top1")[1][-1] * 100 for r in pretrained]),
+                 per_seed(final), "-", mean_std([clean_train_top1(r) for r in pretrained]),
                  minutes(pretrained)])
-  all_runs, comparisons, blocks = list(pretrained), [], []
-  if pretrained:
     blocks.append(commands_block(PAPER_PRETRAINED, [("m1", "", "pretrain")]))
   for experiment, lr, setting in PAPER_SETTINGS:
     specs = paper_specs(experiment, lr)
@@ -532,8 +534,7 @@ def finetune_paper_table() -> str:
       rows.append([label, setting, str(len(runs)), f"{config_of(runs[0])['num_epochs']:g}",
                    mean_std(before), mean_std(after), per_seed(after),
                    mean_std(np.subtract(after, before)),
-                   mean_std([series(r, "train_clean", "top1")[1][-1] * 100 for r in runs]),
-                   minutes(runs)])
+                   mean_std([clean_train_top1(r) for r in runs]), minutes(runs)])
     maxup = by_seed(seed_runs(experiment, specs[0][0]), top1)
     metric = f"test top-1 %, {setting.split(' (')[0]}"
     for prefix, label, _ in specs[1:]:
