@@ -1,6 +1,7 @@
 """Tests of the models: parameter counts, shapes, dtypes, BatchNorm, remat, registry."""
 
 import functools
+import itertools
 from typing import ClassVar
 
 import chex
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from maxup_jax.models import initializers, resnet_cifar
 from maxup_jax.models import (
     MODEL_NAMES,
     CifarResNet,
@@ -412,3 +414,48 @@ def test_airbench_remat_matches_plain_gradients():
 def test_airbench_bad_widths_raise(name):
   with pytest.raises(ValueError, match="airbench|widths must be three positive ints"):
     create_model(name, 10)
+
+
+# ---------------------------------------------------------------------------
+# Initialisers drawn as one vector (maxup_jax/models/initializers.py).
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_flat_variance_scaling_is_jax_variance_scaling_bit_for_bit(jit):
+  settings = [(2.0, "fan_out", "normal"), (1.0, "fan_in", "truncated_normal"),
+              (1.0 / 3.0, "fan_in", "uniform"), (1.0, "fan_avg", "normal")]
+  for setting, shape in itertools.product(settings, [(2, 3, 5, 4), (40, 10)]):
+    ours = initializers.variance_scaling(*setting)
+    theirs = jax.nn.initializers.variance_scaling(*setting)
+    draw = lambda init, shape=shape: init(jax.random.key(7), shape, jnp.float32)
+    if jit:
+      draw = jax.jit(draw, static_argnums=0)
+    got, want = draw(ours), draw(theirs)
+    chex.assert_shape(got, shape)
+    np.testing.assert_array_equal(got, want, err_msg=f"{setting} {shape}")
+
+
+def test_models_initialise_as_with_flax_initialisers(monkeypatch):
+  # The flat draws are the models' defaults; swapping JAX's own initialisers
+  # back in gives the same parameters.
+  x = _images((1, 32, 32, 3))
+
+  model = create_model("airbench_8_8_16", 10)  # Convolutions of both kinds.
+  # With the default threefry keys, which the equality is about.
+  init = lambda: jax.jit(model.init, static_argnames="train")(jax.random.key(3), x, train=False)
+  flat = init()
+  monkeypatch.setattr(resnet_cifar, "conv_kernel_init",
+                      jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+  monkeypatch.setattr(initializers, "lecun_normal", jax.nn.initializers.lecun_normal())
+  chex.assert_trees_all_equal(flat, init())
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0.0, "fan_in", "normal"), "scale must be positive"),
+    ((1.0, "fan_geo", "normal"), "mode must be one of"),
+    ((1.0, "fan_in", "cauchy"), "distribution must be one of")])
+def test_flat_variance_scaling_rejects_bad_settings(args, match):
+  with pytest.raises(ValueError, match=match):
+    initializers.variance_scaling(*args)
+  with pytest.raises(ValueError, match="rank >= 2"):
+    initializers.variance_scaling(1.0, "fan_in", "normal")(jax.random.key(0), (8,))

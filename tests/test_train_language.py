@@ -192,7 +192,7 @@ def test_crash_and_resume_continues_exactly_through_asgd_and_fine_tuning(tmp_pat
 
 def resume_config(**overrides):
   """Slow enough per step (a 2x256 LSTM, 32 streams) that a SIGTERM lands mid-run; 2 epochs."""
-  return quick_config(**{"num_train_tokens": 20_000, "num_epochs": 2, "batch_size": 32,
+  return quick_config(**{"num_train_tokens": 10_000, "num_epochs": 2, "batch_size": 32,
                          "log_every_steps": 5, "checkpoint_every_steps": 1000,
                          "model.hidden_dim": 256, "model.num_layers": 2,
                          "dynamic_eval.enabled": False, **overrides})

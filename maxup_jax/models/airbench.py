@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxup_jax.models import initializers
 from maxup_jax.models.resnet_cifar import (
     check_num_classes,
     make_batch_norm,
@@ -83,7 +84,8 @@ class AirbenchNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     """`x: [B, H, W, C]` normalised images -> float32 logits `[B, num_classes]`."""
     x = nn.Conv(self.stem_features, (2, 2), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="stem")(x.astype(self.dtype))
+                param_dtype=jnp.float32, kernel_init=initializers.lecun_normal,
+                name="stem")(x.astype(self.dtype))
     x = nn.gelu(x, approximate=False)
     group = maybe_remat(ConvGroup, self.remat)
     for i, features in enumerate(self.widths):

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxup_jax.models import initializers
+
 Array = jax.Array
 Dtype = Any
 
@@ -41,7 +43,7 @@ BN_EPSILON = 1e-5
 
 # Kaiming normal with fan_out, as `normal_(0, sqrt(2 / (k * k * out)))` in the
 # reference code.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_kernel_init = initializers.variance_scaling(2.0, "fan_out", "normal")
 
 SHORTCUTS = ("projection", "zero_pad")
 
@@ -457,7 +459,8 @@ class SmallCNN(nn.Module):
     """`x: [B, H, W, C]` normalised images -> `[B, num_classes]` float32 logits."""
     del train  # Same function in train and eval mode.
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-    conv = functools.partial(nn.Conv, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(nn.Conv, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=initializers.lecun_normal)
     x = nn.relu(conv(32, (3, 3), name="conv1")(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = nn.relu(conv(64, (3, 3), name="conv2")(x))
