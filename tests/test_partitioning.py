@@ -125,13 +125,14 @@ def bf16_selection_loss(augmentation):
 MIXING = ("cutmix", "mixup")
 
 
-# Every augmentation two-pass; single-pass with one per-example and one
-# mixing augmentation; under explicit sharding, those that had to be told
-# their output sharding (padding, partner gathers, Beta draws) and Gaussian noise.
+# Every augmentation two-pass; single-pass with a per-example augmentation
+# (automatic sharding) and a mixing one (explicit); under explicit sharding,
+# those that had to be told their output sharding (padding; CutMix for the
+# partner gathers and Beta draws it shares with mixup) and Gaussian noise.
 SPLIT_CASES = (
     [(name, "two_pass", False) for name in sorted(AUGMENTATIONS)]
-    + [("gaussian", "single_pass", False), ("cutmix", "single_pass", False)]
-    + [(name, "two_pass", True) for name in ("crop_flip", "cutmix", "gaussian", "mixup")]
+    + [("gaussian", "single_pass", False)]
+    + [(name, "two_pass", True) for name in ("crop_flip", "cutmix", "gaussian")]
     + [("cutmix", "single_pass", True)])
 
 
