@@ -166,8 +166,10 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     image.train_and_evaluate(tiny_cifar_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
 
 
-# The learning rate jumps to 1e30 after the first epoch (step 4).
-EXPLODING_LR = {"lr_schedule": "piecewise", "lr_decay_epochs": (1,), "lr_decay_factor": 1e30}
+# The learning rate jumps to 1e30 after the first epoch (step 4); MaxUp from
+# the start, so that one train step is compiled.
+EXPLODING_LR = {"lr_schedule": "piecewise", "lr_decay_epochs": (1,), "lr_decay_factor": 1e30,
+                "maxup.warmup_epochs": 0}
 
 
 def test_nonfinite_updates_can_be_skipped(tmp_path):
