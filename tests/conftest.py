@@ -1,7 +1,8 @@
 """Test-wide setup, and the paths, configs and helpers several test files share.
 
 Four simulated CPU devices, so multi-device code runs on any machine. The
-tests run stock XLA:CPU, without train.py's default flags
+tests run XLA:CPU without LLVM optimisation (TEST_XLA_FLAGS below) and
+without train.py's default flags
 (`trainer/xla_cpu.py`, tested on its own in test_xla_cpu.py): with XLA's
 Eigen convolutions, the resume tests, which compare this 4-device process
 with 1-device train.py subprocesses to 1e-6, saw parameters differ by up to
@@ -16,12 +17,23 @@ import os
 import shutil
 import tempfile
 
+# XLA:CPU's LLVM optimisation is most of every compilation, and the tests'
+# programs run for milliseconds: without it a tiny training run takes a third
+# less time (its train step compiles in 3 s instead of 8). Every process of
+# the session compiles this way (xdist's workers inherit the environment;
+# train_py.run passes the flag to train.py), so runs that tests compare with
+# each other round alike; what XLA optimises is XLA's to test, the programs'
+# semantics, FLOPs and memory are ours, and none of them depends on it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 # Must happen before JAX initialises its backends; single-device code keeps
 # using device 0, so this costs the other tests nothing.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   ).strip()
+if TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 # Inherited by every train.py / benchmark subprocess the tests start.
 os.environ["MAXUP_JAX_XLA_DEFAULTS"] = "0"
 
@@ -85,11 +97,12 @@ def shrink(config, **overrides):
 def tiny_cifar_config(**overrides):
   """The quick-start configs/cifar10_resnet20.py shrunk to 8 steps of ResNet-8.
 
-  2 epochs of 4 steps, MaxUp (m=4) from the second; every step logged, a
-  checkpoint every 2.
+  2 epochs of 4 steps, MaxUp (m=4) throughout, so that a run compiles one
+  train step (test_recompilation.py runs the warm-up epochs); every step
+  logged, a checkpoint every 2.
   """
   return shrink(cifar10_resnet20.get_config(), **{
-      "model": "resnet8", "num_epochs": 2, "maxup.warmup_epochs": 1, "log_every_steps": 1,
+      "model": "resnet8", "num_epochs": 2, "maxup.warmup_epochs": 0, "log_every_steps": 1,
       "checkpoint_every_steps": 2, "learning_rate": 0.05, **overrides})
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import gpu
+from conftest import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,8 +18,7 @@ def test_dry_run_prints_the_table_and_saves_it_as_it_goes(tmp_path):
   # m=2 runs; m=3 must be skipped: the budget is spent by the first unit.
   args = [sys.executable, "-m", "benchmarks.gpu", "--dry_run", "--copies", "2,3",
           "--time_budget_s", "1", "--grace_s", "120", "--out", str(out)]
-  # XLA:CPU's compilations dominate; without LLVM optimisation they take a third of the time.
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)  # One device, compiled as every test compiles.
   result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
   assert result.returncode == 0, result.stdout + result.stderr
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10_resnet20
-from conftest import needs_cifar10, tiny_cifar_config
+from conftest import needs_cifar10, records, tiny_cifar_config
 from trainer import core, image, image_data
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -77,9 +77,11 @@ def test_train_and_evaluate_traces_each_step_once(tmp_path, monkeypatch):
     return original(state, batch, key, **kwargs)
 
   monkeypatch.setattr(image, "train_step", counted_train_step)
-  # 8 steps: 4 of standard augmentation, then 4 of MaxUp (m=4).
+  # 8 steps: a warm-up epoch of standard augmentation (4 steps), then 4 of MaxUp (m=4).
   config = tiny_cifar_config(model="small_cnn", num_train_examples=128, num_eval_examples=100,
-                             batch_size=32, log_every_steps=2, checkpoint_every_steps=100)
+                             batch_size=32, log_every_steps=2, checkpoint_every_steps=100,
+                             **{"maxup.warmup_epochs": 1})
   summary = image.train_and_evaluate(config, str(tmp_path))
   assert summary["steps"] == 8
   assert sorted(traced) == [1, config.maxup.num_copies]
+  assert [r["num_copies"] for r in records(tmp_path, "train")] == [1, 1, 4, 4]

@@ -51,9 +51,8 @@ def test_training_writes_metrics_checkpoints_and_summary(cifar_reference_run):
   assert 0.0 <= summary["final_top1"] <= 1.0
   train = records(workdir, "train")
   assert [r["step"] for r in train] == list(range(1, 9))
-  # Standard augmentation for the warm-up epoch (4 steps), then MaxUp m=4.
-  assert [r["num_copies"] for r in train] == [1] * 4 + [4] * 4
-  for r in train[4:]:
+  assert [r["num_copies"] for r in train] == [4] * 8
+  for r in train:
     assert r["loss"] >= r["mean_copy_loss"] - 1e-6  # The worst copy is no better than the mean.
   assert [r["step"] for r in records(workdir, "test")] == [4, 8]
   train_clean = records(workdir, "train_clean")
@@ -129,7 +128,7 @@ def test_fine_tune_from_checkpoint_with_frozen_batch_norm(cifar_reference_run, t
   pretrained = checkpointing.load_arrays(str(cifar_reference_run[0]))
   image.train_and_evaluate(
       tiny_cifar_config(num_devices=1, num_epochs=1, init_checkpoint=str(cifar_reference_run[0]),
-                        freeze_batch_norm=True, **{"maxup.warmup_epochs": 0}),
+                        freeze_batch_norm=True),
       str(tmp_path))
   tuned = checkpointing.load_arrays(str(tmp_path))
   assert int(tuned["step"]) == 4  # A fresh run: steps count from 0, not from the pretrained 8.
@@ -166,10 +165,8 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     image.train_and_evaluate(tiny_cifar_config(data_dir=str(tmp_path)), str(tmp_path / "run"))
 
 
-# The learning rate jumps to 1e30 after the first epoch (step 4); MaxUp from
-# the start, so that one train step is compiled.
-EXPLODING_LR = {"lr_schedule": "piecewise", "lr_decay_epochs": (1,), "lr_decay_factor": 1e30,
-                "maxup.warmup_epochs": 0}
+# The learning rate jumps to 1e30 after the first epoch (step 4).
+EXPLODING_LR = {"lr_schedule": "piecewise", "lr_decay_epochs": (1,), "lr_decay_factor": 1e30}
 
 
 def test_nonfinite_updates_can_be_skipped(tmp_path):
@@ -183,7 +180,8 @@ def test_nonfinite_updates_can_be_skipped(tmp_path):
 
 def test_bfloat16_training_keeps_float32_state(tmp_path):
   summary = image.train_and_evaluate(
-      tiny_cifar_config(num_devices=1, num_epochs=1, dtype="bfloat16"), str(tmp_path))
+      tiny_cifar_config(num_devices=1, num_epochs=1, dtype="bfloat16",
+                        **{"maxup.warmup_epochs": 1}), str(tmp_path))
   assert np.isfinite(summary["final_top1"])
   restored = checkpointing.load_arrays(str(tmp_path))
   state = (restored["params"], restored["batch_stats"], restored["opt_state"])
@@ -195,7 +193,7 @@ def test_bfloat16_training_keeps_float32_state(tmp_path):
 def test_bfloat16_selection_with_float32_gradient_pass(tmp_path):
   summary = image.train_and_evaluate(
       tiny_cifar_config(num_devices=1, num_epochs=1, profile_steps=2,
-                        **{"maxup.warmup_epochs": 0, "maxup.selection_dtype": "bfloat16"}),
+                        **{"maxup.selection_dtype": "bfloat16"}),
       str(tmp_path))
   assert np.isfinite(summary["final_top1"])
   assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace written"

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 
 
 def run(config_file, workdir, overrides, *, num_devices=1, extra_args=()):
@@ -18,7 +18,8 @@ def run(config_file, workdir, overrides, *, num_devices=1, extra_args=()):
   """
   args = [sys.executable, "train.py", "--config", config_file, "--workdir", str(workdir)]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+  env = {**os.environ,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}"}
   return subprocess.Popen(args + list(extra_args), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
