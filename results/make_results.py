@@ -57,6 +57,8 @@ PTB_RUNS = (("m1", "Embedding dropout (m=1)", "1"), ("m2", "MaxUp, m=2", "2"),
             ("m1_equal_time", "Embedding dropout, MaxUp's wall-clock time", "1"))
 SCRATCH_RUNS = (("m1", "Cutout (m=1)", "1"), ("m4", "MaxUp+Cutout, m=4", "4"),
                 ("m1_equal_time", "Cutout, MaxUp m=4's wall-clock time", "1"))
+# The m ablation in experiment 6's regime (paper table 5), seeds 0-2, against SCRATCH_RUNS' m=1.
+SCRATCH_ABLATION = (("m2", "MaxUp+Cutout, m=2", "2"), ("m10", "MaxUp+Cutout, m=10", "10"))
 FINETUNE_AUGMENTATIONS = {"cutout": "Cutout", "cutmix": "CutMix"}  # config argument -> name
 # Experiment -> its config file in results/configs, which for most shares its name.
 CONFIG_FILES = {**{name: f"results/configs/{name}.py" for name in
@@ -461,7 +463,8 @@ def cifar_ablation_table() -> str:
 
 def scratch_table() -> str:
   """Experiment 6: CIFAR-10 from scratch, a baseline that fits its training images."""
-  return image_table("cifar10_scratch", SCRATCH_RUNS, scratch_comparisons())
+  return image_table("cifar10_scratch", SCRATCH_RUNS + SCRATCH_ABLATION,
+                     scratch_comparisons() + scratch_ablation_comparisons())
 
 
 def finetune_table() -> str:
@@ -779,6 +782,14 @@ def scratch_comparisons() -> list[Comparison]:
   return image_comparisons("cifar10_scratch", "m4", "MaxUp+Cutout m=4", "Cutout")
 
 
+def scratch_ablation_comparisons() -> list[Comparison]:
+  """Each m of the ablation in experiment 6's regime against the Cutout baseline (m=1)."""
+  base = by_seed(seed_runs("cifar10_scratch", "m1"), top1)
+  return [Comparison(f"MaxUp+Cutout m={arg}", "Cutout", "test top-1 %",
+                     by_seed(seed_runs("cifar10_scratch", prefix), top1), base)
+          for prefix, _, arg in SCRATCH_ABLATION]
+
+
 def finetune_comparisons(aug: str) -> list[Comparison]:
   name = FINETUNE_AUGMENTATIONS[aug]
   return image_comparisons(f"cifar10_finetune_{aug}", "m4", f"MaxUp+{name} m=4", name)
@@ -867,6 +878,9 @@ def what_held_table() -> str:
 
   cifar, ptb, scratch = cifar_comparisons(), ptb_comparisons(), scratch_comparisons()
   ablation = cifar_ablation_comparisons()
+  # Experiment 6's m ablation joins its row once two seeds of an m are in.
+  scratch_ablation = [("m=" + c.a_name.rsplit("=", 1)[1] + ": ", c)
+                      for c in scratch_ablation_comparisons() if len(set(c.a) & set(c.b)) >= 2]
   cutout, cutmix = finetune_comparisons("cutout"), finetune_comparisons("cutmix")
   ptb_asgd = ptb_asgd_comparisons()
   # Alternately against CutMix for the same epochs and for MaxUp's time, one pair per setting.
@@ -889,7 +903,8 @@ def what_held_table() -> str:
       ("6. CIFAR-10 from scratch, a baseline that fits its data (98% clean train top-1)",
        "+0.57 / +0.50 points (ResNet-110 / PreAct-ResNet-110, 200 epochs, table 3)",
        "295k-parameter airbench net, 2,500 images, 80 epochs; test top-1",
-       [("", scratch[0])], [("", scratch[1])]),
+       [("m=4: " if scratch_ablation else "", scratch[0])] + scratch_ablation,
+       [("", scratch[1])]),
       ("7. Fine-tuning experiment 6's Cutout-trained baseline with MaxUp (m=4), 10 epochs at lr 0.01",
        "ImageNet fine-tunes of CutMix-trained models with MaxUp+CutMix at lr 1e-5 / 1e-4: +0.2 to "
        "+0.5 points (table 2)",
