@@ -155,7 +155,8 @@ def test_what_held_says_held_exactly_where_the_verdict_is_the_papers_direction()
   what_held = re.search(r"<!-- table:what_held -->\n(.*?)<!-- /table:", text, re.S).group(1)
   rows = [[cell.strip() for cell in line.strip("|").split(" | ")]
           for line in what_held.splitlines()[2:]]
-  assert [row[0].split(".")[0] for row in rows] == [str(i) for i in range(1, 11)]
+  numbers = [row[0].split(".")[0] for row in rows]  # Experiment 8 has a row per sigma.
+  assert list(dict.fromkeys(numbers)) == [str(i) for i in range(1, 11)] and len(numbers) <= 11
   for row in rows:
     verdicts, held = row[4].split("; "), row[5].split("; ")
     assert len(verdicts) == len(held), row[0]
@@ -202,6 +203,22 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
   assert "for SEED in 0 1 2 3 4; do" in table and "for SEED in 0 1 2; do" in table
   row = next(line for line in mr.what_held_table().splitlines() if line.startswith("| 9."))
   assert "first 3 seeds" in row and "5 seeds (2 added after looking)" in row
+
+
+def test_sigma_05_joins_what_held_at_two_seeds(tmp_path, monkeypatch):
+  # Stand-ins (copies of seed 0) for seed 1 of experiment 8 at sigma 0.5, where not collected.
+  mr = _make_results()
+  logs = tmp_path / "logs"
+  shutil.copytree(REPO / "results" / "logs", logs)
+  for prefix in ("m1", "m5"):
+    target = logs / "cifar10_gauss_sigma0.5" / f"{prefix}_seed1"
+    if not target.exists():
+      shutil.copytree(logs / "cifar10_gauss_sigma0.5" / f"{prefix}_seed0", target)
+  monkeypatch.setattr(mr, "LOGS", logs)
+  rows = [line for line in mr.what_held_table().splitlines() if line.startswith("| 8.")]
+  assert len(rows) == 2 and "σ=0.25" in rows[0] and "σ=0.5" in rows[1]
+  verdicts = rows[1].split(" | ")[4].split("; ")
+  assert [v.split(":")[0] for v in verdicts] == [f"r={r:g}" for r in (0.25, 0.5, 0.75, 1, 1.25, 1.5)]
 
 
 def test_scratch_ablation_joins_experiment_6(tmp_path, monkeypatch):
