@@ -101,6 +101,16 @@ def _make_results():
   return make_results
 
 
+def _make_results_on_a_copy_of_the_logs(tmp_path, monkeypatch):
+  """(make_results reading tmp_path/logs, that folder): a copy of results/logs to add stand-in
+  runs to."""
+  mr = _make_results()
+  logs = tmp_path / "logs"
+  shutil.copytree(REPO / "results" / "logs", logs)
+  monkeypatch.setattr(mr, "LOGS", logs)
+  return mr, logs
+
+
 def test_paired_test_matches_scipy():
   mr = _make_results()
   a = {0: 70.61, 1: 70.31, 2: 69.56, 3: 69.15, 4: 69.19}
@@ -188,15 +198,12 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
   # Seeds 3 and 4 of m1 and m2 are being added; stand-ins (copies of seeds 0
   # and 1) for those not collected yet check that the tables then show the
   # 3-seed test beside the 5-seed one.
-  mr = _make_results()
-  logs = tmp_path / "logs"
-  shutil.copytree(REPO / "results" / "logs", logs)
+  mr, logs = _make_results_on_a_copy_of_the_logs(tmp_path, monkeypatch)
   for prefix in ("m1", "m2"):
     for seed, source in ((3, 0), (4, 1)):
       target = logs / "ptb_asgd" / f"{prefix}_seed{seed}"
       if not target.exists():
         shutil.copytree(logs / "ptb_asgd" / f"{prefix}_seed{source}", target)
-  monkeypatch.setattr(mr, "LOGS", logs)
   table = mr.ptb_asgd_table()
   assert "| Embedding dropout (m=1) | 5 |" in table and "| MaxUp, m=2 | 5 |" in table
   assert "| 0-2 |" in table and "| 0-4 (3, 4 added after looking at 0-2) |" in table
@@ -207,14 +214,11 @@ def test_experiment_9_tables_with_five_seeds(tmp_path, monkeypatch):
 
 def test_sigma_05_joins_what_held_at_two_seeds(tmp_path, monkeypatch):
   # Stand-ins (copies of seed 0) for seed 1 of experiment 8 at sigma 0.5, where not collected.
-  mr = _make_results()
-  logs = tmp_path / "logs"
-  shutil.copytree(REPO / "results" / "logs", logs)
+  mr, logs = _make_results_on_a_copy_of_the_logs(tmp_path, monkeypatch)
   for prefix in ("m1", "m5"):
     target = logs / "cifar10_gauss_sigma0.5" / f"{prefix}_seed1"
     if not target.exists():
       shutil.copytree(logs / "cifar10_gauss_sigma0.5" / f"{prefix}_seed0", target)
-  monkeypatch.setattr(mr, "LOGS", logs)
   rows = [line for line in mr.what_held_table().splitlines() if line.startswith("| 8.")]
   assert len(rows) == 2 and "σ=0.25" in rows[0] and "σ=0.5" in rows[1]
   verdicts = rows[1].split(" | ")[4].split("; ")
@@ -224,9 +228,7 @@ def test_sigma_05_joins_what_held_at_two_seeds(tmp_path, monkeypatch):
 def test_scratch_ablation_joins_experiment_6(tmp_path, monkeypatch):
   # m=2 and m=10 in experiment 6's regime (results/run.sh scratch_ablation) are to run;
   # stand-ins (copies of the m=4 runs, their copies renamed) check where they land.
-  mr = _make_results()
-  logs = tmp_path / "logs"
-  shutil.copytree(REPO / "results" / "logs", logs)
+  mr, logs = _make_results_on_a_copy_of_the_logs(tmp_path, monkeypatch)
   for m in (2, 10):
     for seed in (0, 1, 2):
       target = logs / "cifar10_scratch" / f"m{m}_seed{seed}"
@@ -235,7 +237,6 @@ def test_scratch_ablation_joins_experiment_6(tmp_path, monkeypatch):
         config = json.loads((target / "config.json").read_text())
         config["maxup"]["num_copies"] = m
         (target / "config.json").write_text(json.dumps(config))
-  monkeypatch.setattr(mr, "LOGS", logs)
   table = mr.scratch_table()
   assert "| MaxUp+Cutout, m=2 | 3 | 80 | 2 fwd + 1 fwd+bwd |" in table
   assert "| MaxUp+Cutout, m=10 | 3 | 80 | 10 fwd + 1 fwd+bwd |" in table
